@@ -1,0 +1,91 @@
+"""The public entry points: ``make_plan`` (offline, no ranks) and ``autoparallelize``."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh
+
+from autopar.passes import apply_plan
+from autopar.solver.plan import Plan
+from autopar.solver.planner import plan_traced
+from autopar.tracer import trace
+
+
+def make_plan(
+    model: nn.Module,
+    example_inputs: tuple,
+    mesh_shape: Sequence[int],
+    *,
+    mesh_dim_names: Sequence[str] | None = None,
+    example_kwargs: dict[str, Any] | None = None,
+    gpu: str = "h100",
+    memory_budget: int | str | None = None,
+    strategy: str = "auto",
+    time_limit_s: float | None = None,
+) -> Plan:
+    """Plan offline: no ranks, no real memory (the model and inputs may be on the meta device)."""
+    t0 = time.perf_counter()
+    traced = trace(model, example_inputs, example_kwargs)
+    return plan_traced(
+        traced,
+        tuple(mesh_shape),
+        mesh_dim_names=mesh_dim_names,
+        gpu=gpu,
+        memory_budget=memory_budget,
+        strategy=strategy,
+        time_limit_s=time_limit_s,
+        timings_s={"trace_s": time.perf_counter() - t0},
+    )
+
+
+def autoparallelize(
+    model: nn.Module,
+    example_inputs: tuple,
+    device_mesh: DeviceMesh,
+    *,
+    example_kwargs: dict[str, Any] | None = None,
+    gpu: str | None = None,
+    memory_budget: int | str | None = None,
+    strategy: str = "auto",
+    plan: Plan | None = None,
+) -> nn.Module:
+    """Trace, plan (or check ``plan``), and emit the distributed module for this rank.
+
+    Every rank calls this with the same model and inputs and plans (so a bad input fails on
+    every rank alike); rank 0's plan is then sent to all (as JSON), so all apply one plan. The returned module's
+    parameters are DTensors with the original names; call it with the same global inputs
+    on every rank.
+    """
+    traced = trace(model, example_inputs, example_kwargs)
+    if plan is None:
+        plan = plan_traced(
+            traced,
+            tuple(device_mesh.shape),
+            mesh_dim_names=device_mesh.mesh_dim_names,
+            gpu=gpu or ("cpu" if device_mesh.device_type == "cpu" else "h100"),
+            memory_budget=memory_budget,
+            strategy=strategy,
+        )
+        plan = _broadcast_plan(plan, device_mesh)
+    return apply_plan(traced.gm, plan, device_mesh)
+
+
+def _broadcast_plan(plan: Plan, mesh: DeviceMesh) -> Plan:
+    """Send rank 0's plan to every rank as JSON bytes (no pickling)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return plan
+    device = mesh.device_type
+    data = plan.to_json().encode()
+    size = torch.tensor([len(data)], dtype=torch.int64, device=device)
+    dist.broadcast(size, src=0)
+    buf = torch.zeros(int(size.item()), dtype=torch.uint8, device=device)
+    if dist.get_rank() == 0:
+        buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    dist.broadcast(buf, src=0)
+    return Plan.from_json(bytes(buf.cpu().tolist()).decode())

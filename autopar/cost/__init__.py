@@ -1,0 +1,1 @@
+"""Prices: hardware table, roofline compute time, collective and redistribution time."""

@@ -1,0 +1,103 @@
+"""The hardware table: peak compute, memory bandwidth and links, per device kind.
+
+Vendor figures for dense math; links priced per mesh axis with latency ``alpha_s`` and
+bandwidth ``link_bytes_per_s`` (alpha-beta model). A mesh axis whose devices all sit in one
+node (by ``gpus_per_node``) uses the intra-node link, otherwise the inter-node one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from autopar.errors import UnknownGPUError
+
+
+@dataclass(frozen=True)
+class Link:
+    alpha_s: float
+    bytes_per_s: float
+
+
+@dataclass(frozen=True)
+class Hardware:
+    name: str
+    peak_flops_per_s: dict[str, float]
+    hbm_bytes_per_s: float
+    memory_bytes: int
+    intra_node: Link
+    inter_node: Link
+    gpus_per_node: int = 8
+    notes: str = field(default="", compare=False)
+
+    def peak_flops(self, dtype: torch.dtype) -> float:
+        key = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+        return self.peak_flops_per_s[key]
+
+    def axis_links(self, mesh_shape: Sequence[int]) -> tuple[Link, ...]:
+        """The link each mesh axis communicates over; the last axes are the innermost."""
+        links: list[Link] = []
+        for i in range(len(mesh_shape)):
+            inner = math.prod(mesh_shape[i:])
+            links.append(self.intra_node if inner <= self.gpus_per_node else self.inter_node)
+        return tuple(links)
+
+    def to_json(self) -> dict:
+        return {"name": self.name}
+
+
+_GIB = 1 << 30
+
+HARDWARE: dict[str, Hardware] = {
+    "a100": Hardware(
+        "a100",
+        {"fp32": 19.5e12, "tf32": 156e12, "bf16": 312e12, "fp16": 312e12},
+        2.0e12,
+        80 * _GIB,
+        Link(5e-6, 300e9),
+        Link(10e-6, 25e9),
+        notes="A100-SXM 80GB, NVLink 3, 200 Gb/s InfiniBand per GPU",
+    ),
+    "h100": Hardware(
+        "h100",
+        {"fp32": 67e12, "tf32": 494e12, "bf16": 989e12, "fp16": 989e12},
+        3.35e12,
+        80 * _GIB,
+        Link(5e-6, 450e9),
+        Link(10e-6, 50e9),
+        notes="H100-SXM 80GB, NVLink 4, 400 Gb/s InfiniBand per GPU",
+    ),
+    "h200": Hardware(
+        "h200",
+        {"fp32": 67e12, "tf32": 494e12, "bf16": 989e12, "fp16": 989e12},
+        4.8e12,
+        141 * _GIB,
+        Link(5e-6, 450e9),
+        Link(10e-6, 50e9),
+        notes="H200-SXM 141GB, NVLink 4, 400 Gb/s InfiniBand per GPU",
+    ),
+    "cpu": Hardware(
+        "cpu",
+        {"fp32": 50e9, "tf32": 50e9, "bf16": 20e9, "fp16": 20e9},
+        10e9,
+        16 * _GIB,
+        Link(50e-6, 2e9),
+        Link(50e-6, 2e9),
+        gpus_per_node=64,
+        notes="a CPU process per rank, gloo over loopback",
+    ),
+}
+
+
+def get_hardware(name: str | None) -> Hardware:
+    """Look up a device kind by name (case-insensitive); ``None`` means h100."""
+    key = (name or "h100").lower()
+    if key not in HARDWARE:
+        raise UnknownGPUError(
+            f"unknown GPU {name!r}: known kinds are {', '.join(sorted(HARDWARE))}; "
+            "pass one of them as gpu=..."
+        )
+    return HARDWARE[key]

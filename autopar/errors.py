@@ -1,0 +1,35 @@
+"""Errors raised for bad input. Every message names the node, op or dimension and what to do."""
+
+from __future__ import annotations
+
+
+class AutoparError(Exception):
+    """Base class of every error autopar raises on purpose."""
+
+
+class TraceError(AutoparError):
+    """The model could not be captured as a graph."""
+
+
+class UnknownGPUError(AutoparError):
+    """The hardware name is not in the table."""
+
+
+class ShardingError(AutoparError):
+    """A requested layout cannot be applied (a mesh axis does not divide a dimension, ...)."""
+
+
+class InfeasibleBudgetError(AutoparError):
+    """No plan fits the memory budget. ``min_budget_bytes`` is the smallest budget that fits."""
+
+    def __init__(self, message: str, min_budget_bytes: int) -> None:
+        super().__init__(message)
+        self.min_budget_bytes = min_budget_bytes
+
+
+class StalePlanError(AutoparError):
+    """A saved plan was made for another graph, mesh or format version."""
+
+
+class PlanFormatError(AutoparError):
+    """A plan file cannot be read."""

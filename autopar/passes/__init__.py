@@ -1,0 +1,22 @@
+"""Passes apply a Plan to the traced graph; none makes a sharding decision of its own."""
+
+from __future__ import annotations
+
+import torch.fx as fx
+from torch.distributed.device_mesh import DeviceMesh
+
+from autopar.passes.layouts import insert_layouts
+from autopar.passes.shard_params import shard_parameters
+from autopar.solver.plan import Plan
+
+
+def apply_plan(gm: fx.GraphModule, plan: Plan, mesh: DeviceMesh) -> fx.GraphModule:
+    """Shard parameters and insert every planned layout change; returns the emitted module."""
+    plan.check_matches(gm, tuple(mesh.shape))
+    gm = shard_parameters(gm, plan, mesh)
+    gm = insert_layouts(gm, plan, mesh)
+    gm.plan = plan
+    return gm
+
+
+__all__ = ["apply_plan"]

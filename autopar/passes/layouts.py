@@ -1,0 +1,106 @@
+"""Insert the planned layout changes into the graph.
+
+For every node, in order: inputs are cut to this rank's shard (``distribute_input``);
+parameters pass through ``sync_grad`` (their gradient ends in their own layout); each
+tensor argument whose current layout differs from what the consumer's planned strategy
+needs goes through ``reshard``; ops planned to run on local shards (attention, fallback ops)
+are called through ``local_call``; creation ops are wrapped as replicated DTensors; outputs
+lose partial sums and replicated ones are handed back as plain tensors.
+"""
+
+from __future__ import annotations
+
+import torch.fx as fx
+from torch.distributed.device_mesh import DeviceMesh
+
+from autopar.runtime.layout import (
+    MeshContext,
+    as_replicated,
+    distribute_input,
+    local_call,
+    reshard,
+    sync_grad,
+    to_output,
+)
+from autopar.solver import rules
+from autopar.solver.plan import Plan
+from autopar.solver.rules.base import is_tensor_node
+from autopar.solver.specs import parse, short
+
+MESH_ATTR = "autopar_mesh"
+
+
+def insert_layouts(gm: fx.GraphModule, plan: Plan, mesh: DeviceMesh) -> fx.GraphModule:
+    graph = gm.graph
+    planned = {n.name: n for n in plan.nodes}
+    gm.add_module(MESH_ATTR, MeshContext(mesh))
+    first_op = next(n for n in graph.nodes if n.op != "placeholder")
+    with graph.inserting_before(first_op):
+        ctx = graph.get_attr(MESH_ATTR)
+    layout: dict[fx.Node, str] = {}  # runtime layout of each tensor-valued node
+    resharded: dict[tuple[fx.Node, str], fx.Node] = {}
+
+    def replace_after(node: fx.Node, fn, *args) -> fx.Node:
+        with graph.inserting_after(node):
+            new = graph.call_function(fn, (node, *args))
+        node.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
+        new.meta = dict(node.meta)
+        return new
+
+    def as_layout(a: fx.Node, need: str, before: fx.Node) -> fx.Node:
+        if layout[a] == need:
+            return a
+        key = (a, need)
+        if key not in resharded:
+            with graph.inserting_before(before):
+                resharded[key] = graph.call_function(reshard, (a, need))
+            resharded[key].meta = dict(a.meta)
+            layout[resharded[key]] = need
+        return resharded[key]
+
+    for node in list(graph.nodes):
+        np_ = planned.get(node.name)
+        if node.op == "output":
+            _emit_outputs(node, layout, as_layout, graph)
+            continue
+        if np_ is None:
+            continue
+        if node.op == "placeholder":
+            shape = list(node.meta["val"].shape)
+            layout[replace_after(node, distribute_input, ctx, np_.spec, node.name, shape)] = np_.spec
+        elif node.op == "get_attr":
+            layout[replace_after(node, sync_grad) if np_.kind == "param" else node] = np_.spec
+        elif np_.kind == "getitem":
+            layout[node] = np_.spec
+        else:
+            needs = iter(np_.input_specs)
+            node.args, node.kwargs = fx.node.map_arg(
+                (node.args, node.kwargs),
+                lambda a: as_layout(a, next(needs), node) if is_tensor_node(a) else a,
+            )
+            if node.target in rules.LOCAL_OPS or not rules.has_rule(node):
+                node.args = (node.target, np_.spec, *node.args)
+                node.target = local_call
+                layout[node] = np_.spec
+            elif not np_.input_specs:  # a creation op makes a plain tensor on every rank
+                layout[replace_after(node, as_replicated, ctx)] = np_.spec
+            else:
+                layout[node] = np_.spec
+    graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _emit_outputs(out: fx.Node, layout, as_layout, graph: fx.Graph) -> None:
+    def convert(a: fx.Node) -> fx.Node:
+        if a not in layout:
+            return a
+        whole = short(tuple(p if not p.is_partial() else parse("R")[0] for p in parse(layout[a])))
+        b = as_layout(a, whole, out)
+        with graph.inserting_before(out):
+            return graph.call_function(to_output, (b,))
+
+    out.args = fx.node.map_arg(out.args, lambda a: convert(a) if is_tensor_node(a) else a)
+
+
+__all__ = ["insert_layouts"]

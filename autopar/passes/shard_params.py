@@ -1,0 +1,41 @@
+"""Replace every parameter and buffer with a DTensor in its planned layout.
+
+Each rank keeps only its own shard (a copy of its slice); every alias of a tied weight
+gets the same new Parameter, so names (FQNs) and tying are kept.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh
+
+from autopar.runtime.layout import to_dtensor
+from autopar.solver.plan import Plan
+from autopar.solver.specs import parse, replicated
+
+
+def shard_parameters(gm: fx.GraphModule, plan: Plan, mesh: DeviceMesh) -> fx.GraphModule:
+    specs = plan.param_specs()
+    aliases: dict[int, list[tuple[str, bool]]] = {}
+    for name, p in gm.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append((name, True))
+    for name, b in gm.named_buffers(remove_duplicate=False):
+        aliases.setdefault(id(b), []).append((name, False))
+    for names in aliases.values():
+        first, is_param = names[0]
+        tensor = gm.get_parameter(first) if is_param else gm.get_buffer(first)
+        spec_name = next((specs[n] for n, _ in names if n in specs), None)
+        spec = parse(spec_name) if spec_name else replicated(mesh.ndim)
+        with torch.no_grad():
+            dt = to_dtensor(tensor.detach(), spec, mesh)
+        new = nn.Parameter(dt, requires_grad=tensor.requires_grad) if is_param else dt
+        for name, _ in names:
+            owner, _, attr = name.rpartition(".")
+            mod = gm.get_submodule(owner) if owner else gm
+            if is_param:
+                mod._parameters[attr] = new
+            else:
+                mod._buffers[attr] = new
+    return gm

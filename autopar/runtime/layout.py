@@ -1,0 +1,142 @@
+"""Layout operations the emitted graph calls; each is autograd-aware.
+
+- :func:`reshard` changes a DTensor's layout (``"S0R"`` -> ``"RR"``...). Its backward is the
+  transpose: all-gather <-> reduce-scatter / slice, all-reduce <-> identity (DTensor's
+  redistribute), so gradient synchronization follows from the forward layout.
+- :func:`sync_grad` wraps a parameter: identity forward; backward turns the accumulated
+  gradient into the parameter's own layout (partial sums are all-reduced or reduce-scattered),
+  so ``p.grad`` has ``p``'s placements when ``backward()`` returns.
+- :func:`distribute_input` takes this rank's shard of a global input every rank passes.
+- :func:`local_call` runs an op on local shards and wraps the result in the planned layout
+  (attention, and ops without a sharding rule, which are replicated).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.utils._pytree import tree_leaves, tree_map
+
+from autopar.errors import ShardingError
+from autopar.solver.specs import Spec, parse, replicated
+
+
+class MeshContext(nn.Module):
+    """Holds the device mesh for the emitted graph (no parameters, no state)."""
+
+    def __init__(self, mesh: DeviceMesh) -> None:
+        super().__init__()
+        self.mesh = mesh
+
+    def extra_repr(self) -> str:
+        return f"mesh={tuple(self.mesh.shape)}"
+
+
+def local_shard(full: torch.Tensor, spec: Spec, mesh: DeviceMesh) -> torch.Tensor:
+    """This rank's piece of ``full`` under ``spec`` (mesh dims applied in order, as DTensor does)."""
+    coord = mesh.get_coordinate()
+    out = full
+    for i, p in enumerate(spec):
+        if isinstance(p, Shard):
+            out = out.chunk(mesh.size(i), dim=p.dim)[coord[i]]
+    return out
+
+
+def to_dtensor(full: torch.Tensor, spec: Spec, mesh: DeviceMesh) -> DTensor:
+    """Wrap this rank's shard of a tensor every rank holds in full; no communication."""
+    return DTensor.from_local(
+        local_shard(full, spec, mesh).contiguous(), mesh, spec, run_check=False, shape=full.shape, stride=full.stride()
+    )
+
+
+def distribute_input(x: Any, ctx: MeshContext, spec: str, name: str, shape: list[int]) -> Any:
+    if not isinstance(x, torch.Tensor):
+        return x
+    if list(x.shape) != list(shape):
+        raise ShardingError(
+            f"input {name!r} has shape {list(x.shape)} but the plan was made for {shape}; "
+            "every rank passes the global inputs of the traced shape (make a new plan for new shapes)"
+        )
+    return to_dtensor(x, parse(spec), ctx.mesh)
+
+
+def reshard(x: DTensor, spec: str) -> DTensor:
+    """Change ``x``'s layout to ``spec``. Replicated -> partial (a bias added to a partial
+    sum) is done locally; DTensor's public redistribute does the rest."""
+    target = parse(spec)
+    mesh = x.device_mesh
+    step = tuple(
+        p if not p.is_partial() else (q if q.is_partial() else Replicate())
+        for p, q in zip(target, x.placements)
+    )
+    if step != tuple(x.placements):
+        x = x.redistribute(mesh, step)
+    if step != target:
+        x = _ToPartial.apply(x, target)
+    return x
+
+
+class _ToPartial(torch.autograd.Function):
+    """Replicated -> partial sum: each rank holds value / n. The gradient of the global
+    value is unchanged, so backward lays it out as the input was."""
+
+    @staticmethod
+    def forward(ctx, x: DTensor, target: Spec) -> DTensor:  # type: ignore[override]
+        ctx.placements = x.placements
+        n = 1
+        for i, (p, q) in enumerate(zip(target, x.placements)):
+            if p.is_partial() and not q.is_partial():
+                n *= x.device_mesh.size(i)
+        local = x.to_local() / n
+        return DTensor.from_local(local, x.device_mesh, target, run_check=False)
+
+    @staticmethod
+    def backward(ctx, grad: DTensor):  # type: ignore[override]
+        return grad.redistribute(grad.device_mesh, ctx.placements), None
+
+
+def as_replicated(x: torch.Tensor, ctx: MeshContext) -> DTensor:
+    return DTensor.from_local(x, ctx.mesh, replicated(ctx.mesh.ndim), run_check=False)
+
+
+def to_output(x: Any) -> Any:
+    """Hand a replicated DTensor back as a plain tensor; a sharded one stays a DTensor."""
+    if isinstance(x, DTensor) and all(p.is_replicate() for p in x.placements):
+        return x.to_local()
+    return x
+
+
+class _SyncGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, p: DTensor) -> DTensor:  # type: ignore[override]
+        ctx.placements = p.placements
+        return p.view_as(p)
+
+    @staticmethod
+    def backward(ctx, grad: DTensor) -> DTensor:  # type: ignore[override]
+        return grad.redistribute(grad.device_mesh, ctx.placements)
+
+
+def sync_grad(p: DTensor) -> DTensor:
+    return _SyncGrad.apply(p)
+
+
+def local_call(op, spec: str, *args: Any, **kwargs: Any) -> Any:
+    """Run ``op`` on the local shards of its DTensor arguments; wrap outputs as ``spec``."""
+    mesh = next(a.device_mesh for a in tree_leaves((args, kwargs)) if isinstance(a, DTensor))
+    placements = parse(spec)
+
+    def local(a: Any) -> Any:
+        return a.to_local() if isinstance(a, DTensor) else a
+
+    out = op(*tree_map(local, args), **tree_map(local, kwargs))
+    return tree_map(
+        lambda t: DTensor.from_local(t, mesh, placements, run_check=False)
+        if isinstance(t, torch.Tensor)
+        else t,
+        out,
+    )

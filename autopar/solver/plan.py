@@ -1,0 +1,182 @@
+"""The Plan: plain, versioned, fingerprinted data; JSON on disk, never pickle.
+
+A plan records, per node of the traced graph, the chosen output spec, the specs its inputs
+are resharded to, the recompute flag and the estimated compute / communication / memory;
+plus the mesh, hardware, strategy and solver outcome. ``fingerprint`` hashes the graph's
+node list (name, op, shape, dtype) so a plan is only ever applied to the graph it was made
+for; a mismatch names the first node that differs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.fx as fx
+
+from autopar.errors import PlanFormatError, StalePlanError
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class NodePlan:
+    name: str
+    op: str
+    kind: str  # input | param | buffer | op | getitem
+    module: str  # owning module's qualified name ("" at top level)
+    target: str  # parameter / buffer FQN, or the op
+    spec: str  # output layout, short form (see solver.specs)
+    input_specs: list[str]
+    recompute: bool
+    compute_s: float
+    comm_s: float
+    memory_bytes: int
+
+
+@dataclass
+class Plan:
+    fingerprint: str
+    graph_signature: list[str]
+    mesh_shape: list[int]
+    mesh_dim_names: list[str]
+    hardware: str
+    strategy: str
+    nodes: list[NodePlan]
+    estimated_step_s: float
+    peak_memory_bytes: int
+    fallback_ops: list[str]
+    solver: dict = field(default_factory=dict)
+    timings_s: dict = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    # ---- lookup
+    def node(self, name: str) -> NodePlan:
+        return self._by_name()[name]
+
+    def _by_name(self) -> dict[str, NodePlan]:
+        return {n.name: n for n in self.nodes}
+
+    def param_specs(self) -> dict[str, str]:
+        """Parameter / buffer FQN -> layout."""
+        return {n.target: n.spec for n in self.nodes if n.kind in ("param", "buffer")}
+
+    # ---- persistence
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json())
+
+    @staticmethod
+    def from_json(text: str) -> Plan:
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise PlanFormatError(f"plan is not valid JSON: {exc}") from exc
+        version = d.get("format_version")
+        if version != FORMAT_VERSION:
+            raise StalePlanError(
+                f"plan format version {version} is not {FORMAT_VERSION}; make the plan again "
+                "with this autopar version (autopar plan ...)"
+            )
+        try:
+            d["nodes"] = [NodePlan(**n) for n in d["nodes"]]
+            return Plan(**d)
+        except TypeError as exc:
+            raise PlanFormatError(f"plan file has unexpected fields: {exc}") from exc
+
+    # ---- matching
+    def check_matches(self, gm: fx.GraphModule, mesh_shape: tuple[int, ...]) -> None:
+        """Refuse a plan made for another graph or mesh; name the first difference."""
+        if tuple(self.mesh_shape) != tuple(mesh_shape):
+            raise StalePlanError(
+                f"plan was made for mesh {tuple(self.mesh_shape)}, the mesh is {tuple(mesh_shape)}; "
+                "make a plan for this mesh"
+            )
+        sig = graph_signature(gm)
+        if fingerprint(sig) == self.fingerprint:
+            return
+        for i, (a, b) in enumerate(zip(self.graph_signature, sig)):
+            if a != b:
+                raise StalePlanError(
+                    f"plan does not match this model: node {i} differs: plan has {a!r}, the "
+                    f"traced graph has {b!r}. Make the plan again for this model and inputs."
+                )
+        raise StalePlanError(
+            f"plan does not match this model: the plan has {len(self.graph_signature)} nodes, the "
+            f"traced graph {len(sig)} (first extra: "
+            f"{(self.graph_signature + sig)[min(len(sig), len(self.graph_signature))]!r})"
+        )
+
+    # ---- report
+    def report(self) -> str:
+        """A per-layer table: layouts, compute and communication seconds, memory."""
+        rows = defaultdict(lambda: {"params": [], "compute_s": 0.0, "comm_s": 0.0, "mem": 0, "out": ""})
+        for n in self.nodes:
+            layer = _layer_of(n.module)
+            r = rows[layer]
+            r["compute_s"] += n.compute_s
+            r["comm_s"] += n.comm_s
+            r["mem"] += n.memory_bytes
+            if n.kind == "param":
+                label = n.target[len(layer) + 1 :] if n.target.startswith(layer + ".") else n.target
+                r["params"].append(f"{label}={n.spec}")
+            elif n.kind == "op":
+                r["out"] = n.spec
+        mesh = "x".join(map(str, self.mesh_shape))
+        names = ",".join(self.mesh_dim_names)
+        lines = [
+            f"autopar plan: mesh {mesh} ({names}) on {self.hardware}, strategy {self.strategy}",
+            f"estimated step {self.estimated_step_s * 1e3:.3f} ms, peak memory "
+            f"{self.peak_memory_bytes / 2**20:.1f} MiB per device, solver {self.solver.get('status', '?')} "
+            f"(gap {self.solver.get('gap', 0.0):.2%}) in {self.solver.get('solve_s', 0.0):.2f} s",
+            "",
+            f"{'layer':<22} {'out':<7} {'compute ms':>10} {'comm ms':>9} {'MiB':>8}  parameters",
+        ]
+        for layer, r in rows.items():
+            lines.append(
+                f"{layer:<22} {r['out']:<7} {r['compute_s'] * 1e3:>10.4f} {r['comm_s'] * 1e3:>9.4f} "
+                f"{r['mem'] / 2**20:>8.2f}  {' '.join(r['params'])}"
+            )
+        lines.append("")
+        lines.append(
+            "fallback ops (replicated, no sharding rule): " + (", ".join(self.fallback_ops) or "none")
+        )
+        return "\n".join(lines)
+
+
+def _layer_of(module: str) -> str:
+    parts = module.split(".") if module else ["(top)"]
+    keep = 2 if len(parts) > 1 and parts[1].isdigit() else 1
+    return ".".join(parts[: keep + (1 if len(parts) > keep else 0)]) or "(top)"
+
+
+def graph_signature(gm: fx.GraphModule) -> list[str]:
+    sig = []
+    for n in gm.graph.nodes:
+        v = n.meta.get("val")
+        if isinstance(v, torch.Tensor):
+            desc = f"{list(v.shape)} {str(v.dtype).removeprefix('torch.')}"
+        elif isinstance(v, (list, tuple)):
+            desc = str([list(t.shape) for t in v if isinstance(t, torch.Tensor)])
+        else:
+            desc = ""
+        sig.append(f"{n.name} {n.op} {n.target} {desc}".strip())
+    return sig
+
+
+def fingerprint(signature: list[str]) -> str:
+    return hashlib.sha256("\n".join(signature).encode()).hexdigest()[:16]
+
+
+def load_plan(path: str | Path) -> Plan:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise PlanFormatError(f"cannot read plan {path}: {exc}") from exc
+    return Plan.from_json(text)

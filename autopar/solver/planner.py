@@ -1,0 +1,123 @@
+"""From a traced graph to a Plan: strategies and costs, the ILP, and the per-node record."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+import torch.fx as fx
+
+from autopar.cost.comm import redistribute_time_s
+from autopar.cost.hardware import get_hardware
+from autopar.cost.units import parse_bytes
+from autopar.solver import ilp
+from autopar.solver.graph import StrategyGraph, build, edge_cost_s, no_partial
+from autopar.solver.pinned import pin_for
+from autopar.solver.plan import NodePlan, Plan, fingerprint, graph_signature
+from autopar.solver.rules.base import tensor_args
+from autopar.solver.specs import short
+from autopar.tracer import Traced
+
+
+def plan_traced(
+    traced: Traced,
+    mesh_shape: Sequence[int],
+    *,
+    mesh_dim_names: Sequence[str] | None = None,
+    gpu: str | None = "h100",
+    memory_budget: int | str | None = None,
+    strategy: str = "auto",
+    time_limit_s: float | None = None,
+    timings_s: dict[str, float] | None = None,
+) -> Plan:
+    hw = get_hardware(gpu)
+    timings = dict(timings_s or {})
+    t0 = time.perf_counter()
+    g = build(traced.gm, mesh_shape, hw, traced.trainable, pin_for(strategy))
+    timings["strategies_s"] = time.perf_counter() - t0
+    sol = ilp.solve(g, memory_budget_bytes=parse_bytes(memory_budget), time_limit_s=time_limit_s)
+    timings["solve_s"] = sol.solve_s
+    names = list(mesh_dim_names or _default_names(len(mesh_shape)))
+    nodes = node_plans(g, sol.choice)
+    sig = graph_signature(traced.gm)
+    return Plan(
+        fingerprint=fingerprint(sig),
+        graph_signature=sig,
+        mesh_shape=list(mesh_shape),
+        mesh_dim_names=names,
+        hardware=hw.name,
+        strategy=strategy,
+        nodes=nodes,
+        estimated_step_s=sol.objective_s,
+        peak_memory_bytes=ilp.memory_bytes(g, sol.choice),
+        fallback_ops=sorted({str(nc.node.target) for nc in g.nodes.values() if nc.fallback}),
+        solver={
+            "status": sol.status,
+            "gap": sol.gap,
+            "solve_s": sol.solve_s,
+            "solver": sol.solver,
+            "variables": sol.n_variables,
+            "decision_nodes": len(g.roots),
+            "edges": len(g.edges),
+        },
+        timings_s=timings,
+    )
+
+
+def _default_names(n: int) -> list[str]:
+    return ["dp", "tp"] if n == 2 else [f"d{i}" for i in range(n)]
+
+
+def node_plans(g: StrategyGraph, choice: dict[str, int]) -> list[NodePlan]:
+    """Each node's chosen layout and its share of the estimated step."""
+    out = []
+    outputs = _output_nodes(g)
+    links = g.hw.axis_links(g.mesh_shape)
+    for name, nc in g.nodes.items():
+        s = g.spec_of(name, choice)
+        i = nc.pick[choice[nc.root]]
+        comm = 0.0
+        args = [nc.node.args[0]] if nc.kind == "getitem" else tensor_args(nc.node)
+        for k, a in enumerate(args):
+            if a.name in g.nodes:
+                comm += edge_cost_s(g, g.nodes[a.name], nc, k, g.spec_of(a.name, choice).out, s)
+        if name in outputs:
+            v = nc.node.meta["val"]
+            comm += redistribute_time_s(
+                s.out, no_partial(s.out), tuple(v.shape), v.element_size(), g.mesh_shape, links
+            )
+        out.append(
+            NodePlan(
+                name=name,
+                op=str(nc.node.target) if nc.kind not in ("input",) else "input",
+                kind=nc.kind,
+                module=_module_of(nc.node, nc.kind),
+                target=str(nc.node.target),
+                spec=short(s.out),
+                input_specs=[short(x) for x in s.ins] if nc.kind != "getitem" else [],
+                recompute=False,
+                compute_s=nc.cost_s[i],
+                comm_s=comm,
+                memory_bytes=nc.memory_bytes[i],
+            )
+        )
+    return out
+
+
+def _output_nodes(g: StrategyGraph) -> set[str]:
+    graph = next(iter(g.nodes.values())).node.graph
+    output = next(n for n in graph.nodes if n.op == "output")
+    return {a.name for a in output.all_input_nodes}
+
+
+def _module_of(node: fx.Node, kind: str) -> str:
+    if kind in ("param", "buffer"):
+        return str(node.target).rsplit(".", 1)[0] if "." in str(node.target) else ""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    return path.replace("L['self'].", "").replace("L__self__.", "") if isinstance(path, str) else ""
+
+

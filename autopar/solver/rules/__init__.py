@@ -1,0 +1,59 @@
+"""Sharding rules, one module per op family, collected into one registry.
+
+``strategies(node, mesh_shape)`` is the only entry point the solver uses: the node's valid
+(output spec, input specs) choices. An op with no rule gets the replicated strategy, runs on
+local tensors, and is reported as a fallback op.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch.fx as fx
+
+from autopar.solver.rules import (
+    attention,
+    creation,
+    elementwise,
+    embedding,
+    loss,
+    matmul,
+    norms,
+    reductions,
+    views,
+)
+from autopar.solver.rules.base import Option, RuleFn, Strategy, expand, numel, tensor_args
+
+RULES: dict[object, RuleFn] = {}
+FLOPS: dict[object, object] = {}
+for _family in (matmul, elementwise, views, reductions, norms, embedding, attention, loss, creation):
+    RULES.update(_family.RULES)
+    FLOPS.update(getattr(_family, "FLOPS", {}))
+
+#: Ops whose node takes its producer's decision in the ILP (one non-parameter input).
+FOLLOWERS = elementwise.FOLLOWERS | views.FOLLOWERS | reductions.FOLLOWERS | norms.FOLLOWERS
+#: Ops that run on each rank's local shards instead of through DTensor's dispatcher.
+LOCAL_OPS = attention.LOCAL_OPS
+
+
+def has_rule(node: fx.Node) -> bool:
+    return node.target in RULES
+
+
+def options(node: fx.Node) -> list[Option]:
+    rule = RULES.get(node.target)
+    if rule is None:
+        return [Option(views.R, (views.R,) * len(tensor_args(node)))]
+    return rule(node)
+
+
+def strategies(node: fx.Node, mesh_shape: Sequence[int]) -> list[Strategy]:
+    return expand(node, options(node), mesh_shape)
+
+
+def forward_flops(node: fx.Node) -> float:
+    fn = FLOPS.get(node.target)
+    return float(fn(node)) if fn is not None else float(numel(node))
+
+
+__all__ = ["FOLLOWERS", "LOCAL_OPS", "Strategy", "forward_flops", "has_rule", "strategies"]

@@ -1,0 +1,48 @@
+"""Scaled dot-product attention over ``[batch, heads, seq, head_dim]``.
+
+One-axis options: replicate, or shard batch or heads in q, k, v and the output alike (an
+attention mask is sharded the same way where it has that dim, else replicated). It runs on
+each rank's local shards (see ``runtime.local_ops``): tracing on CPU would otherwise pick
+a CPU-only attention kernel that DTensor has no rule for.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.fx as fx
+from torch.distributed.tensor import Replicate, Shard
+
+from autopar.solver.rules.base import Option, RuleFn, shape, tensor_args
+
+aten = torch.ops.aten
+R = Replicate()
+
+
+def sdpa_options(node: fx.Node) -> list[Option]:
+    ins = tensor_args(node)
+    out = shape(node)
+    options = [Option(R, (R,) * len(ins))]
+    for d in (0, 1):
+        placements = []
+        for t in ins:
+            s = shape(t)
+            e = d - (len(out) - len(s))
+            placements.append(Shard(e) if e >= 0 and s[e] == out[d] else R)
+        options.append(Option(Shard(d), tuple(placements)))
+    return options
+
+
+def sdpa_flops(node: fx.Node) -> float:
+    q, k = shape(node.args[0]), shape(node.args[1])
+    causal = node.kwargs.get("is_causal", False) or (len(node.args) > 5 and node.args[5])
+    flops = 4.0 * math.prod(q[:-1]) * k[-2] * q[-1]
+    return flops / 2 if causal else flops
+
+
+OP = aten.scaled_dot_product_attention.default
+RULES: dict[object, RuleFn] = {OP: sdpa_options}
+FLOPS = {OP: sdpa_flops}
+# Ops executed on local shards rather than through DTensor's dispatcher.
+LOCAL_OPS = frozenset({OP})

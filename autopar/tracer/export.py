@@ -1,0 +1,93 @@
+"""Tracing with ``torch.export`` (non-strict): aten-level graph on fake tensors.
+
+``fx.symbolic_trace`` fails on HuggingFace models, so autopar exports. The result is
+``ep.module()``: parameters and buffers are ``get_attr`` nodes named by their fully
+qualified names, inputs are placeholders, and every node's ``meta["val"]`` is a fake
+tensor with the global shape and dtype.
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from autopar.errors import TraceError
+
+
+@dataclass
+class Traced:
+    gm: fx.GraphModule
+    #: get_attr target -> True for trainable parameters, False for buffers and constants
+    trainable: dict[str, bool]
+
+
+def trace(model: nn.Module, args: tuple, kwargs: dict[str, Any] | None = None) -> Traced:
+    """Export ``model(*args, **kwargs)``; a failure names the module and the line."""
+    kwargs = dict(kwargs or {})
+    _untie_aliased_inputs(args, kwargs)
+    if hasattr(getattr(model, "config", None), "use_cache"):
+        model.config.use_cache = False
+    try:
+        ep = torch.export.export(model, tuple(args), kwargs, strict=False)
+    except Exception as exc:  # any failure inside user code or torch's tracer
+        raise TraceError(_describe_failure(model, exc)) from exc
+    gm = ep.module()
+    _drop_input_guards(gm)
+    trainable = {name: p.requires_grad for name, p in gm.named_parameters(remove_duplicate=False)}
+    for name, _ in gm.named_buffers(remove_duplicate=False):
+        trainable.setdefault(name, False)
+    return Traced(gm, trainable)
+
+
+def _untie_aliased_inputs(args: tuple, kwargs: dict[str, Any]) -> None:
+    """The same tensor passed twice (``input_ids`` and ``labels``) exports as one input."""
+    seen: set[int] = set()
+    for k, v in list(kwargs.items()):
+        if isinstance(v, torch.Tensor):
+            if id(v) in seen or any(v is a for a in args):
+                kwargs[k] = v.clone()
+            seen.add(id(v))
+
+
+def _drop_input_guards(gm: fx.GraphModule) -> None:
+    """Export's shape guards check global shapes; autopar checks inputs itself."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn":
+            gm.graph.erase_node(node)
+            delattr(gm, "_guards_fn")
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+
+
+def _describe_failure(model: nn.Module, exc: Exception) -> str:
+    """Name the innermost user frame (file:line) and the nn.Module whose forward it is in."""
+    names = {id(m): (n or type(model).__name__) for n, m in model.named_modules()}
+    torch_dir = os.path.dirname(torch.__file__)
+    where, module = None, None
+    tb = exc.__traceback__
+    for frame, lineno in traceback.walk_tb(tb):
+        fname = frame.f_code.co_filename
+        if fname.startswith(torch_dir) or "site-packages" in fname and "transformers" not in fname:
+            continue
+        if os.path.dirname(__file__) in fname:
+            continue
+        where = f"{fname}:{lineno} (in {frame.f_code.co_name})"
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, nn.Module) and id(owner) in names:
+            module = f"{names[id(owner)]} ({type(owner).__name__})"
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return (
+        f"cannot trace {type(model).__name__}: {type(exc).__name__}: {first}\n"
+        f"  module: {module or 'unknown'}\n  line: {where or 'unknown'}\n"
+        "  autopar captures the model with torch.export (non-strict); make that forward "
+        "exportable (no data-dependent Python control flow on tensor values, no .item()), "
+        "or pass inputs that avoid the branch."
+    )
+
+
