@@ -78,7 +78,7 @@ def insert_layouts(gm: fx.GraphModule, plan: Plan, mesh: DeviceMesh) -> fx.Graph
                 (node.args, node.kwargs),
                 lambda a: as_layout(a, next(needs), node) if is_tensor_node(a) else a,
             )
-            if node.target in rules.LOCAL_OPS or not rules.has_rule(node):
+            if runs_locally(node):
                 node.args = (node.target, np_.spec, *node.args)
                 node.target = local_call
                 layout[node] = np_.spec
@@ -89,6 +89,11 @@ def insert_layouts(gm: fx.GraphModule, plan: Plan, mesh: DeviceMesh) -> fx.Graph
     graph.lint()
     gm.recompile()
     return gm
+
+
+def runs_locally(node: fx.Node) -> bool:
+    """Attention and ops without a rule run on local shards (``local_call``)."""
+    return node.target in rules.LOCAL_OPS or not rules.has_rule(node)
 
 
 def _emit_outputs(out: fx.Node, layout, as_layout, graph: fx.Graph) -> None:
@@ -103,4 +108,4 @@ def _emit_outputs(out: fx.Node, layout, as_layout, graph: fx.Graph) -> None:
     out.args = fx.node.map_arg(out.args, lambda a: convert(a) if is_tensor_node(a) else a)
 
 
-__all__ = ["insert_layouts"]
+__all__ = ["insert_layouts", "runs_locally"]

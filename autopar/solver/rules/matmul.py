@@ -75,12 +75,16 @@ def matmul_options(node: fx.Node) -> list[Option]:
         return Shard(d) if d >= 0 and bshape[d] == out_shape[out_dim] else R
 
     options = [opt(R, R, R, R)]
+    # DTensor runs an N-d linear / matmul by flattening the leading dims: a shard of a later
+    # leading dim may then come from one mesh axis only.
+    flattened = lhs[1:-1] if len(rhs) == 2 and len(lhs) > 2 else ""
     for letter in dict.fromkeys(lhs + rhs):
         a_p = Shard(lhs.index(letter)) if letter in lhs else R
         b_p = Shard(rhs.index(letter)) if letter in rhs else R
         if letter in out:
             o = out.index(letter)
-            options.append(opt(Shard(o), a_p, b_p, bias_shard(o)))
+            option = opt(Shard(o), a_p, b_p, bias_shard(o))
+            options.append(Option(option.out, option.ins, exclusive=letter in flattened))
         else:
             options.append(opt(P, a_p, b_p, P))
     options.append(opt(P, P, R, P))

@@ -2,7 +2,7 @@
 
 Sum and mean: a shard on a kept dim stays a shard (renumbered when the dim goes away); a
 shard on a reduced dim becomes a partial sum (``P``) or partial average (``Pavg``); a partial
-input stays partial. Softmax and log-softmax: any dim but the softmax dim may be sharded.
+sum stays partial through ``sum``. Softmax and log-softmax: any dim but the softmax dim may be sharded.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def reduction_options(node: fx.Node) -> list[Option]:
     linear = node.target in (aten.sum.default, aten.sum.dim_IntList, aten.mean.default, aten.mean.dim)
     is_mean = node.target in (aten.mean.default, aten.mean.dim)
     options = [Option(R, (R,))]
-    if linear:
+    if linear and not is_mean:  # DTensor reduces a partial input of mean first
         options.append(Option(Partial(), (Partial(),)))
     for d in range(nd):
         if d in reduced:

@@ -1,0 +1,40 @@
+"""Small models whose exported graphs hold every op family's ops, for the rule tests."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from autopar.models import GPT, MLP, GPTConfig
+
+
+class OpZoo(nn.Module):
+    """mm / bmm / addmm / matmul, reductions, softmax, elementwise and view ops."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 12))
+        self.b = nn.Parameter(torch.randn(12))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        a = torch.mm(x, self.w)  # [8, 12]
+        a = torch.addmm(self.b, x, self.w) + a
+        c = torch.bmm(y, y.transpose(1, 2))  # [4, 8, 8]
+        d = torch.matmul(y, x)  # [4, 8, 8]
+        e = torch.softmax(c, dim=-1) * F.log_softmax(d, dim=1)
+        f = e.permute(0, 2, 1).sum(dim=2) - e.mean(dim=1)  # [4, 8]
+        g = f.unsqueeze(2).expand(4, 8, 12) * torch.relu(a)
+        h = torch.div(g, 2.0) - torch.tanh(g) * torch.exp(-g.abs())
+        return h.sum() + a.t().mean() + torch.sigmoid(f).sum(dim=[0, 1])
+
+
+def models() -> dict[str, tuple[nn.Module, dict[str, torch.Tensor]]]:
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab=64, max_seq=16, hidden=32, heads=4, layers=1)
+    ids = torch.randint(0, 64, (4, 8))
+    return {
+        "mlp": (MLP(32, 64), {"x": torch.randn(8, 32), "target": torch.randn(8, 32)}),
+        "gpt": (GPT(cfg), {"input_ids": ids, "labels": torch.randint(0, 64, (4, 8))}),
+        "opzoo": (OpZoo(), {"x": torch.randn(8, 8), "y": torch.randn(4, 8, 8)}),
+    }
