@@ -22,6 +22,7 @@ class GPTConfig:
     heads: int = 4
     layers: int = 2
     dropout: float = 0.0
+    qkv_bias: bool = True
 
 
 _CONFIGS = {
@@ -38,9 +39,9 @@ class Attention(nn.Module):
     def __init__(self, c: GPTConfig) -> None:
         super().__init__()
         self.heads = c.heads
-        self.q = nn.Linear(c.hidden, c.hidden)
-        self.k = nn.Linear(c.hidden, c.hidden)
-        self.v = nn.Linear(c.hidden, c.hidden)
+        self.q = nn.Linear(c.hidden, c.hidden, bias=c.qkv_bias)
+        self.k = nn.Linear(c.hidden, c.hidden, bias=c.qkv_bias)
+        self.v = nn.Linear(c.hidden, c.hidden, bias=c.qkv_bias)
         self.proj = nn.Linear(c.hidden, c.hidden)
         self.dropout = c.dropout
 
