@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -38,6 +39,13 @@ def plan_traced(
     timings["strategies_s"] = time.perf_counter() - t0
     sol = ilp.solve(g, memory_budget_bytes=parse_bytes(memory_budget), time_limit_s=time_limit_s)
     timings["solve_s"] = sol.solve_s
+    fallback = sorted({str(nc.node.target) for nc in g.nodes.values() if nc.fallback})
+    if fallback:
+        warnings.warn(
+            f"autopar: no sharding rule for {', '.join(fallback)}; these ops run replicated "
+            "(listed in plan.fallback_ops and the report)",
+            stacklevel=2,
+        )
     names = list(mesh_dim_names or _default_names(len(mesh_shape)))
     nodes = node_plans(g, sol.choice)
     sig = graph_signature(traced.gm)
@@ -51,7 +59,7 @@ def plan_traced(
         nodes=nodes,
         estimated_step_s=sol.objective_s,
         peak_memory_bytes=ilp.memory_bytes(g, sol.choice),
-        fallback_ops=sorted({str(nc.node.target) for nc in g.nodes.values() if nc.fallback}),
+        fallback_ops=fallback,
         solver={
             "status": sol.status,
             "gap": sol.gap,

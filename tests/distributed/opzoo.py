@@ -10,7 +10,7 @@ from autopar.models import GPT, MLP, GPTConfig
 
 
 class OpZoo(nn.Module):
-    """mm / bmm / addmm / matmul, reductions, softmax, elementwise and view ops."""
+    """mm / bmm / addmm / matmul, reductions, softmax, elementwise, view ops and a fallback op."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -26,7 +26,8 @@ class OpZoo(nn.Module):
         f = e.permute(0, 2, 1).sum(dim=2) - e.mean(dim=1)  # [4, 8]
         g = f.unsqueeze(2).expand(4, 8, 12) * torch.relu(a)
         h = torch.div(g, 2.0) - torch.tanh(g) * torch.exp(-g.abs())
-        return h.sum() + a.t().mean() + torch.sigmoid(f).sum(dim=[0, 1])
+        k = torch.cumsum(f, dim=1)  # no sharding rule: replicated, run on local tensors
+        return h.sum() + a.t().mean() + torch.sigmoid(f).sum(dim=[0, 1]) + k.sum()
 
 
 def models() -> dict[str, tuple[nn.Module, dict[str, torch.Tensor]]]:

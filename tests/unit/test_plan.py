@@ -1,0 +1,57 @@
+"""Plans are data: JSON round trip, report, fallback ops."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+from autopar import load_plan, make_plan
+from autopar.models import GPT, GPTConfig
+
+
+def _gpt_plan(mesh=(2, 2), strategy="auto"):
+    with torch.device("meta"):
+        model = GPT(GPTConfig(vocab=128, max_seq=32, hidden=64, heads=4, layers=2))
+        ids = torch.randint(0, 128, (8, 32))
+    return make_plan(model, (), mesh, example_kwargs={"input_ids": ids, "labels": ids.clone()}, gpu="cpu",
+                     strategy=strategy)
+
+
+def test_plan_json_round_trip(tmp_path):
+    plan = _gpt_plan()
+    path = tmp_path / "p.json"
+    plan.save(path)
+    data = json.loads(path.read_text())
+    assert data["format_version"] == 1 and data["mesh_shape"] == [2, 2]
+    again = load_plan(path)
+    assert again == plan
+
+
+def test_report_lists_layers_layouts_and_costs():
+    plan = _gpt_plan(strategy="megatron")
+    text = plan.report()
+    assert "blocks.0.attn" in text and "q.weight=RS0" in text and "proj.weight=RS1" in text
+    assert "compute ms" in text and "fallback ops" in text
+    assert plan.fallback_ops == []
+
+
+class Cumulative(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cumsum(self.lin(x), dim=1).sum()
+
+
+def test_op_without_rule_is_replicated_warned_and_listed():
+    with torch.device("meta"):
+        model, x = Cumulative(), torch.randn(8, 16)
+    with pytest.warns(UserWarning, match="aten.cumsum.default"):
+        plan = make_plan(model, (x,), (4,))
+    assert plan.fallback_ops == ["aten.cumsum.default"]
+    assert plan.node("cumsum").spec == "R"
+    assert "aten.cumsum.default" in plan.report()
