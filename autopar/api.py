@@ -58,9 +58,9 @@ def autoparallelize(
     """Trace, plan (or check ``plan``), and emit the distributed module for this rank.
 
     Every rank calls this with the same model and inputs and plans (so a bad input fails on
-    every rank alike); rank 0's plan is then sent to all (as JSON), so all apply one plan. The returned module's
-    parameters are DTensors with the original names; call it with the same global inputs
-    on every rank.
+    every rank alike); rank 0's plan is then sent to all (as JSON), so all apply one plan.
+    The returned module's parameters are DTensors with the original names; call it with the
+    same global inputs on every rank.
     """
     traced = trace(model, example_inputs, example_kwargs)
     if plan is None:

@@ -49,11 +49,14 @@ def main() -> None:
     dist.destroy_process_group()
     n_nodes = len(plan.nodes)
     print(f"GPT-2 small shape, {a.layers} layers, batch {a.batch}, seq {a.seq}, mesh {a.mesh}, h100")
-    print(f"graph nodes {n_nodes}, decision nodes {plan.solver['decision_nodes']}, "
-          f"edges {plan.solver['edges']}, ILP variables {plan.solver['variables']}")
+    print(
+        f"graph nodes {n_nodes}, decision nodes {plan.solver['decision_nodes']}, "
+        f"edges {plan.solver['edges']}, ILP variables {plan.solver['variables']}"
+    )
     print(f"trace      {t_trace:7.2f} s")
     print(f"strategies {plan.timings_s['strategies_s']:7.2f} s")
-    print(f"solve      {plan.timings_s['solve_s']:7.2f} s  ({plan.solver['status']}, gap {plan.solver['gap']:.2%})")
+    status = f"({plan.solver['status']}, gap {plan.solver['gap']:.2%})"
+    print(f"solve      {plan.timings_s['solve_s']:7.2f} s  {status}")
     print(f"codegen    {t_codegen:7.2f} s")
     total = t_trace + plan.timings_s["strategies_s"] + plan.timings_s["solve_s"] + t_codegen
     print(f"total      {total:7.2f} s   estimated step {plan.estimated_step_s * 1e3:.2f} ms")

@@ -84,9 +84,7 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(c.hidden)
         self.head = nn.Linear(c.hidden, c.vocab, bias=False)
 
-    def forward(
-        self, input_ids: torch.Tensor, labels: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b, t = input_ids.shape
         pos = torch.arange(t, device=input_ids.device)
         x = self.wte(input_ids) + self.wpe(pos)

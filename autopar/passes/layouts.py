@@ -73,11 +73,7 @@ def insert_layouts(gm: fx.GraphModule, plan: Plan, mesh: DeviceMesh) -> fx.Graph
         elif np_.kind == "getitem":
             layout[node] = np_.spec
         else:
-            needs = iter(np_.input_specs)
-            node.args, node.kwargs = fx.node.map_arg(
-                (node.args, node.kwargs),
-                lambda a: as_layout(a, next(needs), node) if is_tensor_node(a) else a,
-            )
+            node.args, node.kwargs = _relayout_args(node, np_.input_specs, as_layout)
             if runs_locally(node):
                 node.args = (node.target, np_.spec, *node.args)
                 node.target = local_call
@@ -89,6 +85,14 @@ def insert_layouts(gm: fx.GraphModule, plan: Plan, mesh: DeviceMesh) -> fx.Graph
     graph.lint()
     gm.recompile()
     return gm
+
+
+def _relayout_args(node: fx.Node, needs: list[str], as_layout) -> tuple:
+    """The node's (args, kwargs) with each tensor argument in the layout the plan needs."""
+    it = iter(needs)
+    return fx.node.map_arg(
+        (node.args, node.kwargs), lambda a: as_layout(a, next(it), node) if is_tensor_node(a) else a
+    )
 
 
 def runs_locally(node: fx.Node) -> bool:

@@ -49,7 +49,12 @@ def local_shard(full: torch.Tensor, spec: Spec, mesh: DeviceMesh) -> torch.Tenso
 def to_dtensor(full: torch.Tensor, spec: Spec, mesh: DeviceMesh) -> DTensor:
     """Wrap this rank's shard of a tensor every rank holds in full; no communication."""
     return DTensor.from_local(
-        local_shard(full, spec, mesh).contiguous(), mesh, spec, run_check=False, shape=full.shape, stride=full.stride()
+        local_shard(full, spec, mesh).contiguous(),
+        mesh,
+        spec,
+        run_check=False,
+        shape=full.shape,
+        stride=full.stride(),
     )
 
 
@@ -135,8 +140,8 @@ def local_call(op, spec: str, *args: Any, **kwargs: Any) -> Any:
 
     out = op(*tree_map(local, args), **tree_map(local, kwargs))
     return tree_map(
-        lambda t: DTensor.from_local(t, mesh, placements, run_check=False)
-        if isinstance(t, torch.Tensor)
-        else t,
+        lambda t: (
+            DTensor.from_local(t, mesh, placements, run_check=False) if isinstance(t, torch.Tensor) else t
+        ),
         out,
     )

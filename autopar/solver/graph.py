@@ -102,7 +102,9 @@ def grad_spec(s: Strategy, arg: int) -> Spec:
     was replicated but the op's work was divided along that axis."""
     split = _split_axes(s)
     return tuple(
-        Partial() if isinstance(p, Replicate) and i in split else (Replicate() if isinstance(p, Partial) else p)
+        Partial()
+        if isinstance(p, Replicate) and i in split
+        else (Replicate() if isinstance(p, Partial) else p)
         for i, p in enumerate(s.ins[arg])
     )
 

@@ -122,9 +122,7 @@ def solve(
             need,
         )
     choice = {r: max(range(len(x[r])), key=lambda j: x[r][j].value() or 0.0) for r in g.roots}
-    return Solution(
-        choice, evaluate(g, choice), status, gap, time.perf_counter() - t0, name, n_vars
-    )
+    return Solution(choice, evaluate(g, choice), status, gap, time.perf_counter() - t0, name, n_vars)
 
 
 def _edge_terms(g: StrategyGraph, e: EdgeUse, ei: int, x, prob: pulp.LpProblem):

@@ -6,7 +6,6 @@ import time
 import warnings
 from collections.abc import Sequence
 
-import torch
 import torch.fx as fx
 
 from autopar.cost.comm import redistribute_time_s
@@ -127,5 +126,3 @@ def _module_of(node: fx.Node, kind: str) -> str:
         return ""
     path = list(stack.values())[-1][0]
     return path.replace("L['self'].", "").replace("L__self__.", "") if isinstance(path, str) else ""
-
-

@@ -89,5 +89,3 @@ def _describe_failure(model: nn.Module, exc: Exception) -> str:
         "exportable (no data-dependent Python control flow on tensor values, no .item()), "
         "or pass inputs that avoid the branch."
     )
-
-

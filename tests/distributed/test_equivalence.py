@@ -18,20 +18,23 @@ direction under a different (equally correct) summation order; at lr 1e-4 that s
 from __future__ import annotations
 
 import copy
+import tempfile
 
 import pytest
 import torch
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
-from autopar import autoparallelize
+from autopar import Plan, autoparallelize, load_plan, make_plan
 from autopar.models import GPT, MLP, GPTConfig
 from tests.distributed.harness import run_on_mesh
 
 MESHES = ((4,), (2, 2))
 STRATEGIES = (("auto", "cpu"), ("auto", "h100"), ("dp", "h100"), ("megatron", "h100"))
 MODELS = ("mlp", "gpt")
-CASES = [f"{m}-{'x'.join(map(str, mesh))}-{s}-{gpu}" for m in MODELS for mesh in MESHES for s, gpu in STRATEGIES]
+CASES = [
+    f"{m}-{'x'.join(map(str, mesh))}-{s}-{gpu}" for m in MODELS for mesh in MESHES for s, gpu in STRATEGIES
+]
 TOL = 1e-5
 
 
@@ -48,11 +51,11 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def _run_case(model_name: str, mesh_shape: tuple[int, ...], strategy: str, gpu: str) -> dict:
+def _run_case(model_name: str, mesh_shape: tuple[int, ...], strategy: str, gpu: str, plan=None) -> dict:
     model, inputs = _make(model_name)
     ref = copy.deepcopy(model)
     mesh = init_device_mesh("cpu", mesh_shape)
-    pm = autoparallelize(model, (), mesh, example_kwargs=inputs, strategy=strategy, gpu=gpu)
+    pm = autoparallelize(model, (), mesh, example_kwargs=inputs, strategy=strategy, gpu=gpu, plan=plan)
     opt = torch.optim.AdamW(pm.parameters(), lr=1e-4)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-4)
     params = dict(pm.named_parameters())
@@ -68,13 +71,16 @@ def _run_case(model_name: str, mesh_shape: tuple[int, ...], strategy: str, gpu: 
         if step == 0:
             result["output_err"] = (_full(out) - ref_out).abs().max().item()
             result["loss_err"] = abs(_full(loss).item() - ref_loss.item())
-            result["grad_err"] = max((_full(p.grad) - ref_params[n].grad).abs().max().item() for n, p in params.items())
+            result["grad_err"] = max(
+                (_full(p.grad) - ref_params[n].grad).abs().max().item() for n, p in params.items()
+            )
             result["grad_placements_match"] = all(p.grad.placements == p.placements for p in params.values())
             result["all_dtensor"] = all(isinstance(p, DTensor) for p in params.values())
         opt.step()
         ref_opt.step()
-    result["param_err_after_3_steps"] = max((_full(p.detach()) - ref_params[n].detach()).abs().max().item()
-                                            for n, p in params.items())
+    result["param_err_after_3_steps"] = max(
+        (_full(p.detach()) - ref_params[n].detach()).abs().max().item() for n, p in params.items()
+    )
     result["param_specs"] = pm.plan.param_specs()
     return result
 
@@ -85,7 +91,18 @@ def check_all_cases() -> dict:
         for mesh in MESHES:
             for s, gpu in STRATEGIES:
                 out[f"{m}-{'x'.join(map(str, mesh))}-{s}-{gpu}"] = _run_case(m, mesh, s, gpu)
+    out["saved-plan"] = _run_case("gpt", (2, 2), "auto", "cpu", plan=_offline_plan())
     return out
+
+
+def _offline_plan() -> Plan:
+    """Planned with no ranks on the meta device, saved as JSON and loaded back."""
+    with torch.device("meta"):
+        model, inputs = _make("gpt")
+    plan = make_plan(model, (), (2, 2), example_kwargs=inputs, gpu="cpu", strategy="megatron")
+    with tempfile.TemporaryDirectory() as tmp:
+        plan.save(f"{tmp}/plan.json")
+        return load_plan(f"{tmp}/plan.json")
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +110,7 @@ def results() -> dict:
     return run_on_mesh(check_all_cases)
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", CASES + ["saved-plan"])
 def test_same_numbers_as_single_device(results, case):
     r = results[case]
     assert r["output_err"] < TOL
@@ -106,6 +123,10 @@ def test_same_numbers_as_single_device(results, case):
 def test_parameters_are_dtensors_with_original_names(results, case):
     r = results[case]
     assert r["names_match"] and r["all_dtensor"] and r["grad_placements_match"]
+
+
+def test_saved_plan_is_applied_as_planned(results):
+    assert results["saved-plan"]["param_specs"]["blocks.0.attn.q.weight"] == "RS0"
 
 
 @pytest.mark.parametrize("mesh", ["4", "2x2"])

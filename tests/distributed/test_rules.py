@@ -98,8 +98,10 @@ def check_all_rules() -> dict:
                         problem = f"raised {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
                     checked[str(node.target)] = checked.get(str(node.target), 0) + 1
                     if problem:
-                        failures.append(f"{name}:{node.name} {node.target} on {shape} {short(s.out)} <- "
-                                        f"{[short(i) for i in s.ins]}: {problem}")
+                        failures.append(
+                            f"{name}:{node.name} {node.target} on {shape} {short(s.out)} <- "
+                            f"{[short(i) for i in s.ins]}: {problem}"
+                        )
     return {"checked": checked, "failures": failures}
 
 
@@ -112,8 +114,10 @@ def _ref_grads(ref, ref_in, weights):
 
 
 def _check_one(node, s, full, ref, weights, grads_ref, mesh, ctx) -> str:
-    leaves = [to_dtensor(t, no_partial(spec), mesh).requires_grad_(t.is_floating_point())
-              for t, spec in zip(full, s.ins)]
+    leaves = [
+        to_dtensor(t, no_partial(spec), mesh).requires_grad_(t.is_floating_point())
+        for t, spec in zip(full, s.ins)
+    ]
     ins = [reshard(x, short(spec)) if spec != no_partial(spec) else x for x, spec in zip(leaves, s.ins)]
     with CommDebugMode() as comm:
         out = _outs(_call(node, ins, short(s.out), ctx))
@@ -149,13 +153,38 @@ def test_every_strategy_matches_single_device(results):
     "family,ops",
     [
         ("matmul", rules.matmul.OPS[:4] + (torch.ops.aten.matmul.default,)),
-        ("elementwise", (torch.ops.aten.add.Tensor, torch.ops.aten.mul.Tensor, torch.ops.aten.gelu.default,
-                         torch.ops.aten.dropout.default, torch.ops.aten.sub.Tensor, torch.ops.aten.div.Tensor)),
-        ("views", (torch.ops.aten.view.default, torch.ops.aten.transpose.int, torch.ops.aten.reshape.default,
-                   torch.ops.aten.permute.default, torch.ops.aten.unsqueeze.default, torch.ops.aten.expand.default,
-                   torch.ops.aten.t.default)),
-        ("reductions", (torch.ops.aten.sum.dim_IntList, torch.ops.aten.mean.dim, torch.ops.aten._softmax.default,
-                        torch.ops.aten._log_softmax.default)),
+        (
+            "elementwise",
+            (
+                torch.ops.aten.add.Tensor,
+                torch.ops.aten.mul.Tensor,
+                torch.ops.aten.gelu.default,
+                torch.ops.aten.dropout.default,
+                torch.ops.aten.sub.Tensor,
+                torch.ops.aten.div.Tensor,
+            ),
+        ),
+        (
+            "views",
+            (
+                torch.ops.aten.view.default,
+                torch.ops.aten.transpose.int,
+                torch.ops.aten.reshape.default,
+                torch.ops.aten.permute.default,
+                torch.ops.aten.unsqueeze.default,
+                torch.ops.aten.expand.default,
+                torch.ops.aten.t.default,
+            ),
+        ),
+        (
+            "reductions",
+            (
+                torch.ops.aten.sum.dim_IntList,
+                torch.ops.aten.mean.dim,
+                torch.ops.aten.softmax.int,
+                torch.ops.aten.log_softmax.int,
+            ),
+        ),
         ("norms", (torch.ops.aten.layer_norm.default,)),
         ("embedding", (torch.ops.aten.embedding.default,)),
         ("attention", (torch.ops.aten.scaled_dot_product_attention.default,)),
@@ -165,4 +194,6 @@ def test_every_strategy_matches_single_device(results):
 )
 def test_each_family_was_exercised(results, family, ops):
     missing = [str(op) for op in ops if results["checked"].get(str(op), 0) == 0]
-    assert not missing, f"{family}: no strategy of {missing} was executed (op names seen: {sorted(results['checked'])})"
+    assert not missing, (
+        f"{family}: no strategy of {missing} was executed (op names seen: {sorted(results['checked'])})"
+    )

@@ -16,8 +16,14 @@ def _gpt_plan(mesh=(2, 2), strategy="auto"):
     with torch.device("meta"):
         model = GPT(GPTConfig(vocab=128, max_seq=32, hidden=64, heads=4, layers=2))
         ids = torch.randint(0, 128, (8, 32))
-    return make_plan(model, (), mesh, example_kwargs={"input_ids": ids, "labels": ids.clone()}, gpu="cpu",
-                     strategy=strategy)
+    return make_plan(
+        model,
+        (),
+        mesh,
+        example_kwargs={"input_ids": ids, "labels": ids.clone()},
+        gpu="cpu",
+        strategy=strategy,
+    )
 
 
 def test_plan_json_round_trip(tmp_path):

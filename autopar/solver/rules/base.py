@@ -100,9 +100,7 @@ def expand(node: fx.Node, options: Sequence[Option], mesh_shape: Sequence[int]) 
             continue
         if not _valid(out, [tuple(t.shape) for t in outs], float_out, mesh_shape):
             continue
-        if not all(
-            _valid(spec, shape(a), fl, mesh_shape) for spec, a, fl in zip(in_specs, ins, float_in)
-        ):
+        if not all(_valid(spec, shape(a), fl, mesh_shape) for spec, a, fl in zip(in_specs, ins, float_in)):
             continue
         seen.add(s)
         strategies.append(s)

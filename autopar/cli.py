@@ -1,0 +1,108 @@
+"""The ``autopar`` command: ``plan`` (offline), ``show`` (inspect a plan), ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+import torch
+import torch.nn as nn
+
+from autopar.errors import AutoparError
+
+
+def _mesh(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"mesh must look like 8 or 2x4, not {text!r}") from None
+    if not shape or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"mesh must look like 8 or 2x4, not {text!r}")
+    return shape
+
+
+def _model(name: str, batch: int, seq: int) -> tuple[nn.Module, dict]:
+    """A built-in model (gpt2-tiny, gpt2, mlp) or ``package.module:factory``, on the meta device."""
+    from autopar.models import GPT, MLP, gpt_config
+
+    with torch.device("meta"):
+        if name in ("gpt2-tiny", "gpt2"):
+            cfg = gpt_config(name)
+            ids = torch.randint(0, cfg.vocab, (batch, seq))
+            if seq > cfg.max_seq:
+                raise AutoparError(f"--seq {seq} exceeds {name}'s {cfg.max_seq} positions")
+            return GPT(cfg), {"input_ids": ids, "labels": ids.clone()}
+        if name == "mlp":
+            return MLP(), {"x": torch.randn(batch, 256), "target": torch.randn(batch, 256)}
+        if ":" in name:
+            module, _, attr = name.partition(":")
+            factory = getattr(importlib.import_module(module), attr)
+            model, kwargs = factory(batch=batch, seq=seq)
+            return model, kwargs
+    raise AutoparError(f"unknown model {name!r}: use gpt2-tiny, gpt2, mlp, or package.module:factory")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="autopar", description="automatic parallelization for PyTorch")
+    sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("plan", help="plan a model offline (no GPU, no ranks) and print the report")
+    p.add_argument("model", help="gpt2-tiny, gpt2, mlp, or package.module:factory")
+    p.add_argument("--mesh", type=_mesh, default=(2, 4))
+    p.add_argument("--gpu", default="h100")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--strategy", default="auto")
+    p.add_argument("--memory-budget", default=None)
+    p.add_argument("--time-limit", type=float, default=None, help="solver time limit, seconds")
+    p.add_argument("-o", "--output", help="write the plan as JSON")
+    s = sub.add_parser("show", help="print the report of a saved plan")
+    s.add_argument("plan")
+    d = sub.add_parser("demo", help="plan and train a small GPT on 4 local CPU processes")
+    d.add_argument("--steps", type=int, default=5)
+    d.add_argument("--strategy", default="auto")
+    args = ap.parse_args(argv)
+    try:
+        return _run(args)
+    except AutoparError as exc:
+        print(f"autopar: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "demo":
+        from autopar.demo import run_demo
+
+        return run_demo(args.steps, args.strategy)
+    from autopar.solver.plan import load_plan
+
+    if args.command == "show":
+        print(load_plan(args.plan).report())
+        return 0
+    from autopar.api import make_plan
+
+    model, kwargs = _model(args.model, args.batch, args.seq)
+    plan = make_plan(
+        model,
+        (),
+        args.mesh,
+        example_kwargs=kwargs,
+        gpu=args.gpu,
+        strategy=args.strategy,
+        memory_budget=args.memory_budget,
+        time_limit_s=args.time_limit,
+    )
+    print(plan.report())
+    t = plan.timings_s
+    print(
+        f"\nplanned in {t['trace_s'] + t['strategies_s'] + t['solve_s']:.2f} s "
+        f"(trace {t['trace_s']:.2f}, strategies {t['strategies_s']:.2f}, solve {t['solve_s']:.2f})"
+    )
+    if args.output:
+        plan.save(args.output)
+        print(f"plan written to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
