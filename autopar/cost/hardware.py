@@ -45,9 +45,6 @@ class Hardware:
             links.append(self.intra_node if inner <= self.gpus_per_node else self.inter_node)
         return tuple(links)
 
-    def to_json(self) -> dict:
-        return {"name": self.name}
-
 
 _GIB = 1 << 30
 

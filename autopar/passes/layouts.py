@@ -25,7 +25,7 @@ from autopar.runtime.layout import (
 from autopar.solver import rules
 from autopar.solver.plan import Plan
 from autopar.solver.rules.base import is_tensor_node
-from autopar.solver.specs import parse, short
+from autopar.solver.specs import no_partial, parse, short
 
 MESH_ATTR = "autopar_mesh"
 
@@ -104,7 +104,7 @@ def _emit_outputs(out: fx.Node, layout, as_layout, graph: fx.Graph) -> None:
     def convert(a: fx.Node) -> fx.Node:
         if a not in layout:
             return a
-        whole = short(tuple(p if not p.is_partial() else parse("R")[0] for p in parse(layout[a])))
+        whole = short(no_partial(parse(layout[a])))
         b = as_layout(a, whole, out)
         with graph.inserting_before(out):
             return graph.call_function(to_output, (b,))

@@ -28,7 +28,7 @@ def shard_parameters(gm: fx.GraphModule, plan: Plan, mesh: DeviceMesh) -> fx.Gra
         tensor = gm.get_parameter(first) if is_param else gm.get_buffer(first)
         spec_name = next((specs[n] for n, _ in names if n in specs), None)
         spec = parse(spec_name) if spec_name else replicated(mesh.ndim)
-        with torch.no_grad():
+        with torch.no_grad():  # a copy: training the result leaves the user's model untouched
             dt = to_dtensor(tensor.detach(), spec, mesh)
         new = nn.Parameter(dt, requires_grad=tensor.requires_grad) if is_param else dt
         for name, _ in names:

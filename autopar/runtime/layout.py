@@ -47,9 +47,9 @@ def local_shard(full: torch.Tensor, spec: Spec, mesh: DeviceMesh) -> torch.Tenso
 
 
 def to_dtensor(full: torch.Tensor, spec: Spec, mesh: DeviceMesh) -> DTensor:
-    """Wrap this rank's shard of a tensor every rank holds in full; no communication."""
+    """Wrap a copy of this rank's shard of a tensor every rank holds in full; no communication."""
     return DTensor.from_local(
-        local_shard(full, spec, mesh).contiguous(),
+        local_shard(full, spec, mesh).clone(memory_format=torch.contiguous_format),
         mesh,
         spec,
         run_check=False,

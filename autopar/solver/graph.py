@@ -33,7 +33,7 @@ from autopar.cost.hardware import Hardware
 from autopar.errors import ShardingError
 from autopar.solver import rules
 from autopar.solver.rules.base import Strategy, tensor_args
-from autopar.solver.specs import Spec, divides, local_numel, short
+from autopar.solver.specs import Spec, divides, local_numel, no_partial
 
 Pin = Callable[["NodeChoices", list[Strategy]], list[Strategy]]
 
@@ -107,10 +107,6 @@ def grad_spec(s: Strategy, arg: int) -> Spec:
         else (Replicate() if isinstance(p, Partial) else p)
         for i, p in enumerate(s.ins[arg])
     )
-
-
-def no_partial(spec: Spec) -> Spec:
-    return tuple(Replicate() if isinstance(p, Partial) else p for p in spec)
 
 
 def edge_cost_s(
@@ -276,19 +272,7 @@ def _merge(g: StrategyGraph) -> None:
             k, src = producers[0]
             root = g.nodes[src].root
             nc.root = root
-            nc.pick = []
-            extra = []
-            for j in range(len(g.root_cost_s[root])):
-                src_spec = g.spec_of(src, {root: j}).out
-                best = min(
-                    range(len(nc.strategies)),
-                    key=lambda i: (
-                        _member_cost(g, nc, i, ins, {k: src_spec}),
-                        nc.strategies[i].ins[k] != src_spec,
-                    ),
-                )
-                nc.pick.append(best)
-                extra.append(_member_cost(g, nc, best, ins, {k: src_spec}))
+            extra = _follow(g, nc, k, g.nodes[src])
             folded.add((src, name, k))
             _fold_leaves(g, nc, ins, foldable_leaf, folded, extra)
         else:
@@ -296,7 +280,7 @@ def _merge(g: StrategyGraph) -> None:
             nc.pick = list(range(len(nc.strategies)))
             g.root_cost_s[name] = [0.0] * len(nc.strategies)
             g.root_memory_bytes[name] = [0] * len(nc.strategies)
-            extra = [_member_cost(g, nc, i, ins, {}) for i in nc.pick]
+            extra = list(nc.cost_s)
             _fold_leaves(g, nc, ins, foldable_leaf, folded, extra)
     for name, nc in g.nodes.items():
         for k, a in enumerate(_inputs(nc)):
@@ -305,16 +289,24 @@ def _merge(g: StrategyGraph) -> None:
     _price_outputs(g)
 
 
+def _follow(g: StrategyGraph, nc: NodeChoices, k: int, src: NodeChoices) -> list[float]:
+    """For each strategy of the producer's root, pick nc's cheapest strategy given the
+    producer's layout (on a tie, the one that reads it as it is); return the costs."""
+    nc.pick, costs = [], []
+    for j in range(len(g.root_cost_s[nc.root])):
+        src_spec = src.strategies[src.pick[j]].out
+        options = [
+            (nc.cost_s[i] + edge_cost_s(g, src, nc, k, src_spec, s), s.ins[k] != src_spec, i)
+            for i, s in enumerate(nc.strategies)
+        ]
+        cost, _, best = min(options)
+        nc.pick.append(best)
+        costs.append(cost)
+    return costs
+
+
 def _inputs(nc: NodeChoices) -> list[fx.Node]:
     return [nc.node.args[0]] if nc.kind == "getitem" else tensor_args(nc.node)
-
-
-def _member_cost(g, nc: NodeChoices, i: int, ins, fixed_src: dict[int, Spec]) -> float:
-    cost = nc.cost_s[i]
-    for k, spec in fixed_src.items():
-        src = g.nodes[ins[[kk for kk, _ in ins].index(k)][1]]
-        cost += edge_cost_s(g, src, nc, k, spec, nc.strategies[i])
-    return cost
 
 
 def _fold_leaves(g, nc: NodeChoices, ins, foldable_leaf, folded, extra: list[float]) -> None:
@@ -359,7 +351,3 @@ def _price_outputs(g: StrategyGraph) -> None:
             costs[j] += redistribute_time_s(
                 spec, no_partial(spec), tuple(v.shape), v.element_size(), g.mesh_shape, links
             )
-
-
-def describe(s: Strategy) -> str:
-    return f"{short(s.out)} <- ({', '.join(short(i) for i in s.ins)})"

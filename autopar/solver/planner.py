@@ -12,11 +12,11 @@ from autopar.cost.comm import redistribute_time_s
 from autopar.cost.hardware import get_hardware
 from autopar.cost.units import parse_bytes
 from autopar.solver import ilp
-from autopar.solver.graph import StrategyGraph, build, edge_cost_s, no_partial
+from autopar.solver.graph import StrategyGraph, build, edge_cost_s
 from autopar.solver.pinned import pin_for
 from autopar.solver.plan import NodePlan, Plan, fingerprint, graph_signature
 from autopar.solver.rules.base import tensor_args
-from autopar.solver.specs import short
+from autopar.solver.specs import no_partial, short
 from autopar.tracer import Traced
 
 

@@ -59,8 +59,9 @@ def replicated(ndim_mesh: int) -> Spec:
     return (R,) * ndim_mesh
 
 
-def is_partial(spec: Spec) -> bool:
-    return any(isinstance(p, Partial) for p in spec)
+def no_partial(spec: Spec) -> Spec:
+    """``spec`` with partial sums replaced by replication (how a value is handed on)."""
+    return tuple(Replicate() if isinstance(p, Partial) else p for p in spec)
 
 
 def shard_factor(spec: Spec, mesh_shape: Sequence[int], dim: int) -> int:

@@ -22,9 +22,8 @@ from torch.distributed.tensor.debug import CommDebugMode
 from autopar.passes.layouts import runs_locally
 from autopar.runtime.layout import MeshContext, as_replicated, local_call, reshard, to_dtensor
 from autopar.solver import rules
-from autopar.solver.graph import no_partial
 from autopar.solver.rules.base import is_tensor_node, tensor_args
-from autopar.solver.specs import short
+from autopar.solver.specs import no_partial, short
 from autopar.tracer import trace
 from tests.distributed.harness import run_on_mesh
 from tests.distributed.opzoo import models

@@ -73,10 +73,6 @@ def out_tensors(node: fx.Node) -> list[torch.Tensor]:
     return []
 
 
-def replicate_option(n_inputs: int) -> Option:
-    return Option(R, (R,) * n_inputs)
-
-
 def map_option(mapping: dict[int, int]) -> list[Option]:
     """Options for a one-input op whose output dim ``o`` comes from input dim ``mapping[o]``."""
     return [Option(Shard(o), (Shard(i),)) for o, i in sorted(mapping.items())]
