@@ -17,7 +17,7 @@ import torch.nn.functional as F
 @dataclass(frozen=True)
 class GPTConfig:
     vocab: int = 256
-    max_seq: int = 64
+    max_seq: int = 128
     hidden: int = 64
     heads: int = 4
     layers: int = 2
