@@ -38,7 +38,7 @@ def trace(model: nn.Module, args: tuple, kwargs: dict[str, Any] | None = None) -
     except Exception as exc:  # any failure inside user code or torch's tracer
         raise TraceError(_describe_failure(model, exc)) from exc
     gm = ep.module()
-    _drop_input_guards(gm)
+    _drop_checks(gm)
     trainable = {name: p.requires_grad for name, p in gm.named_parameters(remove_duplicate=False)}
     for name, _ in gm.named_buffers(remove_duplicate=False):
         trainable.setdefault(name, False)
@@ -55,12 +55,15 @@ def _untie_aliased_inputs(args: tuple, kwargs: dict[str, Any]) -> None:
             seen.add(id(v))
 
 
-def _drop_input_guards(gm: fx.GraphModule) -> None:
-    """Export's shape guards check global shapes; autopar checks inputs itself."""
+def _drop_checks(gm: fx.GraphModule) -> None:
+    """Export's input guards check global shapes (autopar checks inputs itself), and its
+    ``_assert_tensor_metadata`` nodes check dtype/device of traced values; neither computes."""
     for node in list(gm.graph.nodes):
         if node.op == "call_module" and node.target == "_guards_fn":
             gm.graph.erase_node(node)
             delattr(gm, "_guards_fn")
+        elif node.op == "call_function" and node.target is torch.ops.aten._assert_tensor_metadata.default:
+            gm.graph.erase_node(node)
     gm.graph.eliminate_dead_code()
     gm.recompile()
 

@@ -43,6 +43,8 @@ def _inputs(node: fx.Node, gen: torch.Generator) -> list[torch.Tensor]:
         v = a.meta["val"]
         if v.is_floating_point():
             out.append(torch.randn(v.shape, dtype=v.dtype, generator=gen))
+        elif v.dtype == torch.bool:
+            out.append(torch.randint(0, 2, v.shape, generator=gen).bool())
         else:
             out.append(torch.randint(0, 4, v.shape, dtype=v.dtype, generator=gen))
     return out
@@ -65,7 +67,7 @@ def _outs(x) -> list:
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape == b.shape and torch.allclose(a.float(), b.float(), atol=1e-5, rtol=1e-4)
+    return a.shape == b.shape and torch.allclose(a.float(), b.float(), atol=1e-5, rtol=1e-4, equal_nan=True)
 
 
 def check_all_rules() -> dict:
@@ -188,7 +190,16 @@ def test_every_strategy_matches_single_device(results):
         ("embedding", (torch.ops.aten.embedding.default,)),
         ("attention", (torch.ops.aten.scaled_dot_product_attention.default,)),
         ("loss", (torch.ops.aten.cross_entropy_loss.default,)),
-        ("creation", (torch.ops.aten.arange.default,)),
+        ("creation", (torch.ops.aten.arange.default, torch.ops.aten.new_ones.default)),
+        (
+            "along_dim",
+            (
+                torch.ops.aten.cumsum.default,
+                torch.ops.aten.cat.default,
+                torch.ops.aten.pad.default,
+                torch.ops.aten.diff.default,
+            ),
+        ),
     ],
 )
 def test_each_family_was_exercised(results, family, ops):

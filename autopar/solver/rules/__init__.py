@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch.fx as fx
 
 from autopar.solver.rules import (
+    along_dim,
     attention,
     creation,
     elementwise,
@@ -26,12 +27,25 @@ from autopar.solver.rules.base import Option, RuleFn, Strategy, expand, numel, t
 
 RULES: dict[object, RuleFn] = {}
 FLOPS: dict[object, object] = {}
-for _family in (matmul, elementwise, views, reductions, norms, embedding, attention, loss, creation):
+for _family in (
+    matmul,
+    elementwise,
+    views,
+    reductions,
+    along_dim,
+    norms,
+    embedding,
+    attention,
+    loss,
+    creation,
+):
     RULES.update(_family.RULES)
     FLOPS.update(getattr(_family, "FLOPS", {}))
 
 #: Ops whose node takes its producer's decision in the ILP (one non-parameter input).
-FOLLOWERS = elementwise.FOLLOWERS | views.FOLLOWERS | reductions.FOLLOWERS | norms.FOLLOWERS
+FOLLOWERS = (
+    elementwise.FOLLOWERS | views.FOLLOWERS | reductions.FOLLOWERS | along_dim.FOLLOWERS | norms.FOLLOWERS
+)
 #: Ops that run on each rank's local shards instead of through DTensor's dispatcher.
 LOCAL_OPS = attention.LOCAL_OPS
 

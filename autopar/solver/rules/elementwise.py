@@ -40,6 +40,18 @@ UNARY = (
     aten.detach.default,
     aten._to_copy.default,
     aten.to.dtype,
+    aten.to.dtype_layout,
+    aten.to.device,
+    aten.cos.default,
+    aten.sin.default,
+    aten.ne.Scalar,
+    aten.eq.Scalar,
+    aten.lt.Scalar,
+    aten.le.Scalar,
+    aten.gt.Scalar,
+    aten.ge.Scalar,
+    aten.logical_not.default,
+    aten.bitwise_not.default,
 )
 BINARY = (
     aten.add.Tensor,
@@ -52,6 +64,14 @@ BINARY = (
     aten.ne.Tensor,
     aten.lt.Tensor,
     aten.gt.Tensor,
+    aten.le.Tensor,
+    aten.ge.Tensor,
+    aten.__and__.Tensor,
+    aten.__or__.Tensor,
+    aten.bitwise_and.Tensor,
+    aten.bitwise_or.Tensor,
+    aten.logical_and.default,
+    aten.logical_or.default,
     aten.where.self,
 )
 # Linear in every tensor operand together (sums) or in exactly one operand (products).
