@@ -4,22 +4,17 @@ few AdamW steps, and print each step's loss next to single-process training."""
 from __future__ import annotations
 
 import copy
-import datetime
-import logging
-import os
 import sys
-import tempfile
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from autopar.models import GPT, GPTConfig
+from autopar.runtime.local_mesh import run_gloo
 
 MESH = (2, 2)
 
 
-def _train(steps: int, strategy: str, tmp: str, rank: int) -> None:
+def _train(rank: int, steps: int, strategy: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
     from autopar import autoparallelize
@@ -52,36 +47,13 @@ def _train(steps: int, strategy: str, tmp: str, rank: int) -> None:
             print(f"{step:>4}  {a:>16.6f}  {b:>14.6f}  {abs(a - b):>12.2e}", flush=True)
 
 
-def _worker(rank: int, steps: int, strategy: str, tmp: str) -> None:
-    # DTensor notes that a 2-D mesh gathers axis by axis; expected here, so keep the demo's output clean.
-    logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
-    code = 0
-    try:
-        dist.init_process_group(
-            "gloo",
-            init_method=f"file://{tmp}/store",
-            rank=rank,
-            world_size=4,
-            timeout=datetime.timedelta(seconds=120),
-        )
-        _train(steps, strategy, tmp, rank)
-        dist.barrier()
-        dist.destroy_process_group()
-    except Exception as exc:  # report and exit non-zero; gloo may abort at normal exit
-        print(f"rank {rank}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
-        code = 1
-    sys.stdout.flush()
-    os._exit(code)
-
-
 def run_demo(steps: int = 5, strategy: str = "auto") -> int:
     print(
         f"autopar demo: a 2-layer GPT on a {MESH[0]}x{MESH[1]} mesh of 4 CPU processes (gloo)\n", flush=True
     )
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            mp.start_processes(_worker, args=(steps, strategy, tmp), nprocs=4, start_method="spawn")
-        except Exception as exc:
-            print(f"demo failed: {exc}", file=sys.stderr)
-            return 1
+    try:
+        run_gloo(_train, (steps, strategy), world_size=4)
+    except RuntimeError as exc:
+        print(f"demo failed: {exc}", file=sys.stderr)
+        return 1
     return 0

@@ -20,7 +20,18 @@ aten = torch.ops.aten
 R = Replicate()
 P = Partial()
 
-UNARY = (
+# Linear in their one operand: partial sums pass through.
+_LINEAR_UNARY = (
+    aten.neg.default,
+    aten.clone.default,
+    aten.contiguous.default,
+    aten.alias.default,
+    aten.detach.default,
+    aten._to_copy.default,
+    aten.to.dtype,
+)
+
+UNARY = _LINEAR_UNARY + (
     aten.gelu.default,
     aten.relu.default,
     aten.silu.default,
@@ -33,13 +44,6 @@ UNARY = (
     aten.abs.default,
     aten.pow.Tensor_Scalar,
     aten.dropout.default,
-    aten.neg.default,
-    aten.clone.default,
-    aten.contiguous.default,
-    aten.alias.default,
-    aten.detach.default,
-    aten._to_copy.default,
-    aten.to.dtype,
     aten.to.dtype_layout,
     aten.to.device,
     aten.cos.default,
@@ -77,15 +81,6 @@ BINARY = (
 # Linear in every tensor operand together (sums) or in exactly one operand (products).
 _LINEAR_SUM = (aten.add.Tensor, aten.sub.Tensor)
 _LINEAR_ONE = (aten.mul.Tensor, aten.div.Tensor)
-_LINEAR_UNARY = (
-    aten.neg.default,
-    aten.clone.default,
-    aten.contiguous.default,
-    aten.alias.default,
-    aten.detach.default,
-    aten._to_copy.default,
-    aten.to.dtype,
-)
 
 
 def elementwise_options(node: fx.Node) -> list[Option]:

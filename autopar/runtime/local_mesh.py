@@ -1,0 +1,57 @@
+"""Run a function on N local CPU processes joined over gloo: the stand-in for a GPU mesh
+used by the demo and the distributed tests.
+
+Each worker ends with barrier, ``destroy_process_group``, flushed output and ``os._exit``:
+gloo processes can abort at interpreter exit otherwise. A failing rank's traceback is
+raised in the parent.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import sys
+import tempfile
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def run_gloo(fn: Callable[..., None], args: tuple = (), world_size: int = 4, timeout_s: int = 120) -> None:
+    """Call ``fn(rank, *args)`` on ``world_size`` CPU processes sharing a gloo process group."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            mp.start_processes(
+                _worker, args=(fn, args, tmp, world_size, timeout_s), nprocs=world_size, start_method="spawn"
+            )
+        except Exception as exc:
+            errors = sorted(Path(tmp).glob("error*.txt"))
+            detail = errors[0].read_text() if errors else str(exc)
+            raise RuntimeError(f"a rank failed:\n{detail}") from None
+
+
+def _worker(rank: int, fn: Callable[..., None], args: tuple, tmp: str, world: int, timeout_s: int) -> None:
+    # DTensor notes that a 2-D mesh gathers axis by axis; expected on CPU meshes.
+    logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
+    code = 0
+    try:
+        dist.init_process_group(
+            "gloo",
+            init_method=f"file://{tmp}/store",
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+        fn(rank, *args)
+        dist.barrier()
+        dist.destroy_process_group()
+    except BaseException:
+        Path(tmp, f"error{rank}.txt").write_text(traceback.format_exc())
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
