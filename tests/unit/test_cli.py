@@ -1,0 +1,37 @@
+"""The autopar command: plan (built-in and user factory), show, and clear errors."""
+
+from __future__ import annotations
+
+import torch
+
+from autopar import load_plan
+from autopar.cli import main
+from autopar.models import MLP
+
+
+def factory(batch: int, seq: int):
+    """A user's factory for ``autopar plan tests.unit.test_cli:factory``."""
+    del seq
+    return MLP(32, 64), {"x": torch.randn(batch, 32), "target": torch.randn(batch, 32)}
+
+
+def test_plan_and_show(tmp_path, capsys):
+    path = tmp_path / "plan.json"
+    assert main(["plan", "gpt2-tiny", "--mesh", "2x2", "--batch", "4", "--seq", "16", "-o", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "mesh 2x2" in out and "blocks.0.attn" in out and "planned in" in out
+    assert load_plan(path).mesh_shape == [2, 2]
+    assert main(["show", str(path)]) == 0
+    assert "blocks.1.fc" in capsys.readouterr().out
+
+
+def test_plan_a_user_factory(capsys):
+    assert main(["plan", "tests.unit.test_cli:factory", "--mesh", "4", "--gpu", "a100", "--batch", "8"]) == 0
+    assert "fc1" in capsys.readouterr().out
+
+
+def test_bad_input_is_one_clear_line(capsys):
+    assert main(["plan", "gpt2-tiny", "--mesh", "2x2", "--gpu", "tpu"]) == 2
+    assert "unknown GPU 'tpu'" in capsys.readouterr().err
+    assert main(["plan", "nosuchmodel"]) == 2
+    assert "unknown model 'nosuchmodel'" in capsys.readouterr().err
