@@ -26,7 +26,7 @@ class OpZoo(nn.Module):
         f = e.permute(0, 2, 1).sum(dim=2) - e.mean(dim=1)  # [4, 8]
         g = f.unsqueeze(2).expand(4, 8, 12) * torch.relu(a)
         h = torch.div(g, 2.0) - torch.tanh(g) * torch.exp(-g.abs())
-        k = torch.cumsum(f, dim=1)  # no sharding rule: replicated, run on local tensors
+        k = torch.cumsum(f, dim=1) + torch.erfinv(torch.tanh(f) * 0.5)  # erfinv: no rule, replicated
         return h.sum() + a.t().mean() + torch.sigmoid(f).sum(dim=[0, 1]) + k.sum()
 
 
