@@ -253,7 +253,7 @@ def _merge(g: StrategyGraph) -> None:
     """Assign every node a root and a pick map; fold follower and leaf costs into roots."""
     users: dict[str, list[tuple[str, int]]] = {n: [] for n in g.nodes}
     for name, nc in g.nodes.items():
-        for k, a in enumerate(_inputs(nc)):
+        for k, a in enumerate(node_inputs(nc)):
             if a.name in g.nodes:
                 users[a.name].append((name, k))
 
@@ -263,7 +263,7 @@ def _merge(g: StrategyGraph) -> None:
 
     folded: set[tuple[str, str, int]] = set()
     for name, nc in g.nodes.items():  # topological order
-        ins = [(k, a.name) for k, a in enumerate(_inputs(nc)) if a.name in g.nodes]
+        ins = [(k, a.name) for k, a in enumerate(node_inputs(nc)) if a.name in g.nodes]
         producers = [(k, a) for k, a in ins if not foldable_leaf(a)]
         follows = (nc.kind == "getitem" or nc.node.target in rules.FOLLOWERS) and len(producers) == 1
         if nc.kind in ("input", "param", "buffer") and foldable_leaf(name):
@@ -283,7 +283,7 @@ def _merge(g: StrategyGraph) -> None:
             extra = list(nc.cost_s)
             _fold_leaves(g, nc, ins, foldable_leaf, folded, extra)
     for name, nc in g.nodes.items():
-        for k, a in enumerate(_inputs(nc)):
+        for k, a in enumerate(node_inputs(nc)):
             if a.name in g.nodes and (a.name, name, k) not in folded:
                 g.edges.append(EdgeUse(a.name, name, k))
     _price_outputs(g)
@@ -305,7 +305,8 @@ def _follow(g: StrategyGraph, nc: NodeChoices, k: int, src: NodeChoices) -> list
     return costs
 
 
-def _inputs(nc: NodeChoices) -> list[fx.Node]:
+def node_inputs(nc: NodeChoices) -> list[fx.Node]:
+    """The tensor nodes nc reads (a getitem reads its multi-output producer)."""
     return [nc.node.args[0]] if nc.kind == "getitem" else tensor_args(nc.node)
 
 
@@ -336,18 +337,23 @@ def _fold_leaves(g, nc: NodeChoices, ins, foldable_leaf, folded, extra: list[flo
         g.root_memory_bytes[root][j] += mem[j]
 
 
-def _price_outputs(g: StrategyGraph) -> None:
-    """Outputs are handed back without partial sums: a P output is all-reduced."""
-    output = next(n for n in next(iter(g.nodes.values())).node.graph.nodes if n.op == "output")
+def output_names(g: StrategyGraph) -> set[str]:
+    """The nodes the model returns."""
+    graph = next(iter(g.nodes.values())).node.graph
+    output = next(n for n in graph.nodes if n.op == "output")
+    return {a.name for a in output.all_input_nodes if a.name in g.nodes}
+
+
+def output_cost_s(g: StrategyGraph, nc: NodeChoices, spec: Spec) -> float:
+    """Outputs are handed back without partial sums: a partial output is all-reduced."""
+    v = nc.node.meta["val"]
     links = g.hw.axis_links(g.mesh_shape)
-    for a in output.all_input_nodes:
-        if a.name not in g.nodes:
-            continue
-        nc = g.nodes[a.name]
-        v = a.meta["val"]
+    return redistribute_time_s(spec, no_partial(spec), tuple(v.shape), v.element_size(), g.mesh_shape, links)
+
+
+def _price_outputs(g: StrategyGraph) -> None:
+    for name in output_names(g):
+        nc = g.nodes[name]
         costs = g.root_cost_s[nc.root]
         for j in range(len(costs)):
-            spec = nc.strategies[nc.pick[j]].out
-            costs[j] += redistribute_time_s(
-                spec, no_partial(spec), tuple(v.shape), v.element_size(), g.mesh_shape, links
-            )
+            costs[j] += output_cost_s(g, nc, nc.strategies[nc.pick[j]].out)

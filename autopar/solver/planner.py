@@ -8,15 +8,13 @@ from collections.abc import Sequence
 
 import torch.fx as fx
 
-from autopar.cost.comm import redistribute_time_s
 from autopar.cost.hardware import get_hardware
 from autopar.cost.units import parse_bytes
 from autopar.solver import ilp
-from autopar.solver.graph import StrategyGraph, build, edge_cost_s
+from autopar.solver.graph import StrategyGraph, build, edge_cost_s, node_inputs, output_cost_s, output_names
 from autopar.solver.pinned import pin_for
 from autopar.solver.plan import NodePlan, Plan, fingerprint, graph_signature
-from autopar.solver.rules.base import tensor_args
-from autopar.solver.specs import no_partial, short
+from autopar.solver.specs import short
 from autopar.tracer import Traced
 
 
@@ -79,21 +77,16 @@ def _default_names(n: int) -> list[str]:
 def node_plans(g: StrategyGraph, choice: dict[str, int]) -> list[NodePlan]:
     """Each node's chosen layout and its share of the estimated step."""
     out = []
-    outputs = _output_nodes(g)
-    links = g.hw.axis_links(g.mesh_shape)
+    outputs = output_names(g)
     for name, nc in g.nodes.items():
         s = g.spec_of(name, choice)
         i = nc.pick[choice[nc.root]]
         comm = 0.0
-        args = [nc.node.args[0]] if nc.kind == "getitem" else tensor_args(nc.node)
-        for k, a in enumerate(args):
+        for k, a in enumerate(node_inputs(nc)):
             if a.name in g.nodes:
                 comm += edge_cost_s(g, g.nodes[a.name], nc, k, g.spec_of(a.name, choice).out, s)
         if name in outputs:
-            v = nc.node.meta["val"]
-            comm += redistribute_time_s(
-                s.out, no_partial(s.out), tuple(v.shape), v.element_size(), g.mesh_shape, links
-            )
+            comm += output_cost_s(g, nc, s.out)
         out.append(
             NodePlan(
                 name=name,
@@ -110,12 +103,6 @@ def node_plans(g: StrategyGraph, choice: dict[str, int]) -> list[NodePlan]:
             )
         )
     return out
-
-
-def _output_nodes(g: StrategyGraph) -> set[str]:
-    graph = next(iter(g.nodes.values())).node.graph
-    output = next(n for n in graph.nodes if n.op == "output")
-    return {a.name for a in output.all_input_nodes}
 
 
 def _module_of(node: fx.Node, kind: str) -> str:

@@ -58,7 +58,6 @@ def _bias(node: fx.Node) -> fx.Node | None:
 
 def matmul_options(node: fx.Node) -> list[Option]:
     lhs, rhs, out = equation(node)
-    a, b = _operands(node)
     bias = _bias(node)
     out_shape = shape(node)
 
