@@ -76,9 +76,8 @@ def _describe_failure(model: nn.Module, exc: Exception) -> str:
     tb = exc.__traceback__
     for frame, lineno in traceback.walk_tb(tb):
         fname = frame.f_code.co_filename
-        if fname.startswith(torch_dir) or "site-packages" in fname and "transformers" not in fname:
-            continue
-        if os.path.dirname(__file__) in fname:
+        library = "site-packages" in fname and "transformers" not in fname  # HF code is "user" code
+        if fname.startswith(torch_dir) or library or fname.startswith(os.path.dirname(__file__)):
             continue
         where = f"{fname}:{lineno} (in {frame.f_code.co_name})"
         owner = frame.f_locals.get("self")
