@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -11,6 +12,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 
+from autopar import errors
 from autopar.passes import apply_plan
 from autopar.solver.plan import Plan
 from autopar.solver.planner import plan_traced
@@ -57,35 +59,56 @@ def autoparallelize(
 ) -> nn.Module:
     """Trace, plan (or check ``plan``), and emit the distributed module for this rank.
 
-    Every rank calls this with the same model and inputs and plans (so a bad input fails on
-    every rank alike); rank 0's plan is then sent to all (as JSON), so all apply one plan.
-    The returned module's parameters are DTensors with the original names; call it with the
-    same global inputs on every rank.
+    Every rank calls this with the same model and inputs and traces it; rank 0 plans and sends
+    the plan to all (as JSON), so all apply one plan. A planning error on rank 0 is raised on
+    every rank. The returned module's parameters are DTensors with the original names; call it
+    with the same global inputs on every rank.
     """
     traced = trace(model, example_inputs, example_kwargs)
     if plan is None:
-        plan = plan_traced(
-            traced,
-            tuple(device_mesh.shape),
-            mesh_dim_names=device_mesh.mesh_dim_names,
-            gpu=gpu or ("cpu" if device_mesh.device_type == "cpu" else "h100"),
-            memory_budget=memory_budget,
-            strategy=strategy,
+        plan = _plan_on_rank0(
+            lambda: plan_traced(
+                traced,
+                tuple(device_mesh.shape),
+                mesh_dim_names=device_mesh.mesh_dim_names,
+                gpu=gpu or ("cpu" if device_mesh.device_type == "cpu" else "h100"),
+                memory_budget=memory_budget,
+                strategy=strategy,
+            ),
+            device_mesh,
         )
-        plan = _broadcast_plan(plan, device_mesh)
     return apply_plan(traced.gm, plan, device_mesh)
 
 
-def _broadcast_plan(plan: Plan, mesh: DeviceMesh) -> Plan:
-    """Send rank 0's plan to every rank as JSON bytes (no pickling)."""
+def _plan_on_rank0(make: Callable[[], Plan], mesh: DeviceMesh) -> Plan:
+    """Rank 0 plans; its plan, or its error, goes to every rank as JSON bytes (no pickling)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return plan
+        return make()
+    failure: Exception | None = None
+    data = b""
+    if dist.get_rank() == 0:
+        try:
+            data = make().to_json().encode()
+        except Exception as exc:  # every rank must hear of it, or they wait forever
+            failure = exc
+            kind = type(exc).__name__ if isinstance(exc, errors.AutoparError) else "AutoparError"
+            error = {"error_type": kind, "message": f"planning failed on rank 0: {exc}"}
+            if isinstance(exc, errors.InfeasibleBudgetError):
+                error["min_budget_bytes"] = exc.min_budget_bytes
+            data = json.dumps(error).encode()
     device = mesh.device_type
-    data = plan.to_json().encode()
     size = torch.tensor([len(data)], dtype=torch.int64, device=device)
     dist.broadcast(size, src=0)
     buf = torch.zeros(int(size.item()), dtype=torch.uint8, device=device)
     if dist.get_rank() == 0:
         buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
     dist.broadcast(buf, src=0)
-    return Plan.from_json(bytes(buf.cpu().tolist()).decode())
+    if failure is not None:
+        raise failure
+    text = bytes(buf.cpu().tolist()).decode()
+    payload = json.loads(text)
+    if "error_type" in payload:
+        if "min_budget_bytes" in payload:
+            raise errors.InfeasibleBudgetError(payload["message"], payload["min_budget_bytes"])
+        raise getattr(errors, payload["error_type"], errors.AutoparError)(payload["message"])
+    return Plan.from_json(text)

@@ -22,11 +22,14 @@ def _mesh(text: str) -> tuple[int, ...]:
     return shape
 
 
-def _model(name: str, batch: int, seq: int) -> tuple[nn.Module, dict]:
-    """A built-in model (gpt2-tiny, gpt2, mlp) or ``package.module:factory``, on the meta device."""
-    from autopar.models import GPT, MLP, gpt_config
+def _model(name: str, batch: int, seq: int, size: str = "real") -> tuple[nn.Module, dict]:
+    """A zoo model, a built-in one (gpt2-tiny, gpt2, mlp) or ``package.module:factory``, on
+    the meta device."""
+    from autopar.models import GPT, MLP, gpt_config, zoo
 
     with torch.device("meta"):
+        if name in zoo.ZOO:
+            return zoo.build(name, size, batch=batch, seq=seq)
         if name in ("gpt2-tiny", "gpt2"):
             cfg = gpt_config(name)
             ids = torch.randint(0, cfg.vocab, (batch, seq))
@@ -40,14 +43,22 @@ def _model(name: str, batch: int, seq: int) -> tuple[nn.Module, dict]:
             factory = getattr(importlib.import_module(module), attr)
             model, kwargs = factory(batch=batch, seq=seq)
             return model, kwargs
-    raise AutoparError(f"unknown model {name!r}: use gpt2-tiny, gpt2, mlp, or package.module:factory")
+    raise AutoparError(
+        f"unknown model {name!r}: use a zoo model ({', '.join(zoo.names())}), gpt2-tiny, gpt2, mlp, "
+        "or package.module:factory"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="autopar", description="automatic parallelization for PyTorch")
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("plan", help="plan a model offline (no GPU, no ranks) and print the report")
-    p.add_argument("model", help="gpt2-tiny, gpt2, mlp, or package.module:factory")
+    p.add_argument(
+        "model", help="a zoo model (see autopar.models.zoo), gpt2-tiny, gpt2, mlp, or pkg.module:factory"
+    )
+    p.add_argument(
+        "--size", choices=("real", "tiny"), default="real", help="zoo models: real or tiny dimensions"
+    )
     p.add_argument("--mesh", type=_mesh, default=(2, 4))
     p.add_argument("--gpu", default="h100")
     p.add_argument("--batch", type=int, default=8)
@@ -81,7 +92,7 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     from autopar.api import make_plan
 
-    model, kwargs = _model(args.model, args.batch, args.seq)
+    model, kwargs = _model(args.model, args.batch, args.seq, args.size)
     plan = make_plan(
         model,
         (),

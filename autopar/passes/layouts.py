@@ -17,11 +17,11 @@ from autopar.runtime.layout import (
     MeshContext,
     as_replicated,
     distribute_input,
-    local_call,
     reshard,
     sync_grad,
     to_output,
 )
+from autopar.runtime.local_ops import local_call
 from autopar.solver import rules
 from autopar.solver.plan import Plan
 from autopar.solver.rules.base import is_tensor_node

@@ -7,8 +7,8 @@
   gradient into the parameter's own layout (partial sums are all-reduced or reduce-scattered),
   so ``p.grad`` has ``p``'s placements when ``backward()`` returns.
 - :func:`distribute_input` takes this rank's shard of a global input every rank passes.
-- :func:`local_call` runs an op on local shards and wraps the result in the planned layout
-  (attention, and ops without a sharding rule, which are replicated).
+
+Ops that run on local shards instead of through DTensor are in ``runtime.local_ops``.
 """
 
 from __future__ import annotations
@@ -18,8 +18,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, Shard
-from torch.utils._pytree import tree_leaves, tree_map
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
 from autopar.errors import ShardingError
 from autopar.solver.specs import Spec, parse, replicated
@@ -71,7 +70,8 @@ def distribute_input(x: Any, ctx: MeshContext, spec: str, name: str, shape: list
 
 def reshard(x: DTensor, spec: str) -> DTensor:
     """Change ``x``'s layout to ``spec``. Replicated -> partial (a bias added to a partial
-    sum) is done locally; DTensor's public redistribute does the rest."""
+    sum) and one partial kind -> another are done locally (``_ToPartial``); DTensor's public
+    redistribute does the rest."""
     target = parse(spec)
     mesh = x.device_mesh
     step = tuple(
@@ -86,17 +86,21 @@ def reshard(x: DTensor, spec: str) -> DTensor:
 
 
 class _ToPartial(torch.autograd.Function):
-    """Replicated -> partial sum: each rank holds value / n. The gradient of the global
-    value is unchanged, so backward lays it out as the input was."""
+    """Replicated or partial -> another partial kind, locally. Per axis of size ``n``: replicated
+    -> partial sum holds ``value / n``; replicated -> partial average holds ``value``; partial
+    average -> partial sum divides by ``n``, and back multiplies. The global value is
+    unchanged, so backward lays the gradient out as the input was."""
 
     @staticmethod
     def forward(ctx, x: DTensor, target: Spec) -> DTensor:  # type: ignore[override]
         ctx.placements = x.placements
-        n = 1
+        factor = 1.0
         for i, (p, q) in enumerate(zip(target, x.placements)):
-            if p.is_partial() and not q.is_partial():
-                n *= x.device_mesh.size(i)
-        local = x.to_local() / n
+            n = x.device_mesh.size(i)
+            summed_to = p == Partial("sum") and (q.is_replicate() or q == Partial("avg"))
+            factor = factor / n if summed_to else factor
+            factor = factor * n if p == Partial("avg") and q == Partial("sum") else factor
+        local = x.to_local() * factor if factor != 1.0 else x.to_local().view_as(x.to_local())
         return DTensor.from_local(local, x.device_mesh, target, run_check=False)
 
     @staticmethod
@@ -128,20 +132,3 @@ class _SyncGrad(torch.autograd.Function):
 
 def sync_grad(p: DTensor) -> DTensor:
     return _SyncGrad.apply(p)
-
-
-def local_call(op, spec: str, *args: Any, **kwargs: Any) -> Any:
-    """Run ``op`` on the local shards of its DTensor arguments; wrap outputs as ``spec``."""
-    mesh = next(a.device_mesh for a in tree_leaves((args, kwargs)) if isinstance(a, DTensor))
-    placements = parse(spec)
-
-    def local(a: Any) -> Any:
-        return a.to_local() if isinstance(a, DTensor) else a
-
-    out = op(*tree_map(local, args), **tree_map(local, kwargs))
-    return tree_map(
-        lambda t: (
-            DTensor.from_local(t, mesh, placements, run_check=False) if isinstance(t, torch.Tensor) else t
-        ),
-        out,
-    )

@@ -173,15 +173,20 @@ def _reachable(nc: NodeChoices, nodes: dict[str, NodeChoices]) -> list[Strategy]
     return [s for s in nc.strategies if all(no_partial(s.ins[k]) in ok for k, ok in allowed.items())]
 
 
+def _written_in_place(node: fx.Node) -> bool:
+    return any(u.target in rules.elementwise.INPLACE and u.args[0] is node for u in node.users)
+
+
 def _choices(node, mesh_shape, hw, trainable, nodes) -> NodeChoices | None:
     v = node.meta.get("val")
     if node.op in ("placeholder", "get_attr"):
         if not isinstance(v, torch.Tensor):
             return None
         kind = "input" if node.op == "placeholder" else ("param" if trainable.get(node.target) else "buffer")
-        strategies = [
-            Strategy(s, ()) for s in _leaf_specs(v.shape, len(mesh_shape)) if divides(s, v.shape, mesh_shape)
-        ]
+        specs = _leaf_specs(v.shape, len(mesh_shape))
+        if _written_in_place(node):  # the write must land in the buffer itself, not a resharded copy
+            specs = [tuple(Replicate() for _ in mesh_shape)]
+        strategies = [Strategy(s, ()) for s in specs if divides(s, v.shape, mesh_shape)]
         nc = NodeChoices(node, kind, strategies, [], [], kind == "param")
     elif node.op == "call_function" and node.target is operator.getitem:
         src = nodes.get(node.args[0].name) if isinstance(node.args[0], fx.Node) else None

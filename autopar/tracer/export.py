@@ -18,6 +18,8 @@ import torch.fx as fx
 import torch.nn as nn
 
 from autopar.errors import TraceError
+from autopar.tracer.lowerings import LOWERED_FROM, LOWERINGS, exact_mean_losses
+from autopar.tracer.moe import static_experts
 
 
 @dataclass
@@ -34,15 +36,37 @@ def trace(model: nn.Module, args: tuple, kwargs: dict[str, Any] | None = None) -
     if hasattr(getattr(model, "config", None), "use_cache"):
         model.config.use_cache = False
     try:
-        ep = torch.export.export(model, tuple(args), kwargs, strict=False)
+        with static_experts(model):
+            ep = torch.export.export(model, tuple(args), kwargs, strict=False)
+        if _mutates(ep.graph_module):
+            ep = ep.run_decompositions(LOWERINGS)
     except Exception as exc:  # any failure inside user code or torch's tracer
         raise TraceError(_describe_failure(model, exc)) from exc
     gm = ep.module()
     _drop_checks(gm)
+    _views_as_reshapes(gm)
+    exact_mean_losses(gm)
     trainable = {name: p.requires_grad for name, p in gm.named_parameters(remove_duplicate=False)}
     for name, _ in gm.named_buffers(remove_duplicate=False):
         trainable.setdefault(name, False)
     return Traced(gm, trainable)
+
+
+def _mutates(gm: fx.GraphModule) -> bool:
+    """Whether the graph has in-place ops (batch norm's running statistics, ``x += y``).
+
+    Such graphs are functionalized (``run_decompositions``), with autopar's lowerings: the
+    only in-place ops left are writes into buffers, which the planner keeps replicated.
+    Other graphs are kept as exported: decomposing would turn ``reshape`` into ``view``
+    under the traced strides, which a kernel on local shards need not reproduce.
+    """
+    for node in gm.graph.nodes:
+        schema = getattr(node.target, "_schema", None)
+        if node.op == "call_function" and (
+            schema is not None and schema.is_mutable or node.target in LOWERED_FROM
+        ):
+            return True
+    return False
 
 
 def _untie_aliased_inputs(args: tuple, kwargs: dict[str, Any]) -> None:
@@ -65,6 +89,16 @@ def _drop_checks(gm: fx.GraphModule) -> None:
         elif node.op == "call_function" and node.target is torch.ops.aten._assert_tensor_metadata.default:
             gm.graph.erase_node(node)
     gm.graph.eliminate_dead_code()
+    gm.recompile()
+
+
+def _views_as_reshapes(gm: fx.GraphModule) -> None:
+    """``view`` needs the traced strides, and a kernel run on local shards (attention on CPU,
+    a lookup) may lay out its result differently; ``reshape`` is the same op without that
+    demand. Safe because the graph writes through no view (in-place ops were functionalized)."""
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.aten.view.default:
+            node.target = torch.ops.aten.reshape.default
     gm.recompile()
 
 

@@ -1,4 +1,5 @@
-"""Small models whose exported graphs hold every op family's ops, for the rule tests."""
+"""Small models whose exported graphs hold every op family's ops, for the rule tests, and
+the zoo's tiny models."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from autopar.models import GPT, MLP, GPTConfig
+from autopar.models import GPT, MLP, GPTConfig, zoo
 
 
 class OpZoo(nn.Module):
@@ -30,42 +31,22 @@ class OpZoo(nn.Module):
         return h.sum() + a.t().mean() + torch.sigmoid(f).sum(dim=[0, 1]) + k.sum()
 
 
-def hf_models() -> dict[str, tuple[nn.Module, dict[str, torch.Tensor]]]:
-    """Tiny HuggingFace GPT-2 (fused qkv, tied head) and LLaMA (RMSNorm, rotary, GQA, SwiGLU)."""
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-
+def zoo_tiny() -> dict[str, tuple[nn.Module, dict[str, torch.Tensor]]]:
+    """Every zoo family at its tiny size, one model per distinct tiny config."""
     torch.manual_seed(0)
-    gpt2 = GPT2LMHeadModel(
-        GPT2Config(
-            n_layer=1,
-            n_embd=32,
-            n_head=4,
-            vocab_size=64,
-            n_positions=16,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-            bos_token_id=0,
-            eos_token_id=0,
-        )
-    )
-    llama = LlamaForCausalLM(
-        LlamaConfig(
-            num_hidden_layers=1,
-            hidden_size=32,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=64,
-            vocab_size=64,
-            bos_token_id=0,
-            eos_token_id=0,
-        )
-    )
-    ids = torch.randint(0, 64, (4, 8))
-    return {
-        "hf-gpt2": (gpt2, {"input_ids": ids, "labels": ids.clone()}),
-        "hf-llama": (llama, {"input_ids": ids, "labels": ids.clone()}),
-    }
+    out, seen = {}, []
+    for name in zoo.names():
+        entry = zoo.ZOO[name]
+        key = (entry.family, entry.tiny)
+        if key in seen:
+            continue
+        seen.append(key)
+        model, inputs = zoo.build(name, "tiny", batch=4, seq=8)
+        if "labels" in inputs and inputs["labels"].dim() == 2:
+            # padding in the first sequence only: batch shards count different numbers of targets
+            inputs["labels"][0, :5] = -100
+        out[name] = (model, inputs)
+    return out
 
 
 def models() -> dict[str, tuple[nn.Module, dict[str, torch.Tensor]]]:
@@ -76,5 +57,5 @@ def models() -> dict[str, tuple[nn.Module, dict[str, torch.Tensor]]]:
         "mlp": (MLP(32, 64), {"x": torch.randn(8, 32), "target": torch.randn(8, 32)}),
         "gpt": (GPT(cfg), {"input_ids": ids, "labels": torch.randint(0, 64, (4, 8))}),
         "opzoo": (OpZoo(), {"x": torch.randn(8, 8), "y": torch.randn(4, 8, 8)}),
-        **hf_models(),
+        **zoo_tiny(),
     }

@@ -30,6 +30,12 @@ def test_plan_a_user_factory(capsys):
     assert "fc1" in capsys.readouterr().out
 
 
+def test_plan_a_zoo_model(capsys):
+    assert main(["plan", "dlrm", "--size", "tiny", "--mesh", "2x2", "--batch", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "tables" in out and "fallback ops (replicated, no sharding rule): none" in out
+
+
 def test_bad_input_is_one_clear_line(capsys):
     assert main(["plan", "gpt2-tiny", "--mesh", "2x2", "--gpu", "tpu"]) == 2
     assert "unknown GPU 'tpu'" in capsys.readouterr().err

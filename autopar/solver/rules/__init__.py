@@ -14,9 +14,10 @@ import torch.fx as fx
 from autopar.solver.rules import (
     along_dim,
     attention,
+    conv,
     creation,
     elementwise,
-    embedding,
+    lookup,
     loss,
     matmul,
     norms,
@@ -34,7 +35,8 @@ for _family in (
     reductions,
     along_dim,
     norms,
-    embedding,
+    lookup,
+    conv,
     attention,
     loss,
     creation,
@@ -44,10 +46,22 @@ for _family in (
 
 #: Ops whose node takes its producer's decision in the ILP (one non-parameter input).
 FOLLOWERS = (
-    elementwise.FOLLOWERS | views.FOLLOWERS | reductions.FOLLOWERS | along_dim.FOLLOWERS | norms.FOLLOWERS
+    elementwise.FOLLOWERS
+    | views.FOLLOWERS
+    | reductions.FOLLOWERS
+    | along_dim.FOLLOWERS
+    | norms.FOLLOWERS
+    | conv.FOLLOWERS
 )
 #: Ops that run on each rank's local shards instead of through DTensor's dispatcher.
-LOCAL_OPS = attention.LOCAL_OPS
+LOCAL_OPS = (
+    attention.LOCAL_OPS
+    | matmul.LOCAL_OPS
+    | lookup.LOCAL_OPS
+    | conv.LOCAL_OPS
+    | along_dim.LOCAL_OPS
+    | loss.LOCAL_OPS
+)
 
 
 def has_rule(node: fx.Node) -> bool:

@@ -117,6 +117,15 @@ def _partial_options(node: fx.Node, ins: list[fx.Node]) -> list[Option]:
     return []
 
 
+def copy_options(node: fx.Node) -> list[Option]:
+    """``copy_(buffer, value)``: an in-place write into a buffer (batch norm's running
+    statistics). The planner keeps written buffers replicated (``solver.graph``), so the value
+    is made whole and every rank writes its full copy."""
+    return [Option(R, (R, R))]
+
+
+INPLACE = (aten.copy_.default,)
 RULES: dict[object, RuleFn] = {op: elementwise_options for op in UNARY + BINARY}
+RULES[aten.copy_.default] = copy_options
 # Single-input elementwise ops follow their producer's decision in the ILP.
 FOLLOWERS = frozenset(UNARY)

@@ -1,15 +1,17 @@
-"""The matmul family, described by einsum equations (mm, bmm, addmm, linear, matmul).
+"""The matmul family, described by einsum equations (mm, bmm, addmm, linear, matmul, einsum).
 
 Each dimension letter is classed by where it appears: in the output and both operands
 (batch), in the output and one operand (free), in both operands but not the output
 (contracting). One-axis options: replicate everything; shard a batch or free letter in the
 operands that carry it and in the output; shard a contracting letter in both operands,
 giving a partial-sum output; or pass one operand's partial sum through (the op is linear in
-each operand). A bias is aligned to the output's trailing dims.
+each operand). A bias is aligned to the output's trailing dims. Two-operand ``einsum`` runs on
+local shards (``runtime.local_ops``), so any letter may be sharded.
 """
 
 from __future__ import annotations
 
+import math
 import string
 
 import torch.fx as fx
@@ -25,6 +27,10 @@ P = Partial()
 def equation(node: fx.Node) -> tuple[str, str, str]:
     """(lhs letters, rhs letters, output letters) for the node's two matrix operands."""
     op = node.target
+    if op is aten.einsum.default:
+        inputs, out = node.args[0].replace(" ", "").split("->")
+        lhs, rhs = inputs.split(",")
+        return lhs, rhs, out
     if op is aten.linear.default:
         n = len(shape(node.args[0]))
         batch = string.ascii_lowercase[: n - 1]
@@ -45,6 +51,8 @@ def equation(node: fx.Node) -> tuple[str, str, str]:
 def _operands(node: fx.Node) -> tuple[fx.Node, fx.Node]:
     if node.target is aten.addmm.default:
         return node.args[1], node.args[2]
+    if node.target is aten.einsum.default:
+        return node.args[1][0], node.args[1][1]
     return node.args[0], node.args[1]
 
 
@@ -56,7 +64,17 @@ def _bias(node: fx.Node) -> fx.Node | None:
     return None
 
 
+def einsum_supported(node: fx.Node) -> bool:
+    """Two operands, explicit output, no ellipsis, no letter repeated within an operand."""
+    eq = node.args[0].replace(" ", "")
+    if len(node.args[1]) != 2 or "->" not in eq or "." in eq:
+        return False
+    return all(len(set(part)) == len(part) for part in eq.replace("->", ",").split(","))
+
+
 def matmul_options(node: fx.Node) -> list[Option]:
+    if node.target is aten.einsum.default and not einsum_supported(node):
+        return [Option(R, (R,) * len(node.args[1]))]
     lhs, rhs, out = equation(node)
     bias = _bias(node)
     out_shape = shape(node)
@@ -76,7 +94,7 @@ def matmul_options(node: fx.Node) -> list[Option]:
     options = [opt(R, R, R, R)]
     # DTensor runs an N-d linear / matmul by flattening the leading dims: a shard of a later
     # leading dim may then come from one mesh axis only.
-    flattened = lhs[1:-1] if len(rhs) == 2 and len(lhs) > 2 else ""
+    flattened = lhs[1:-1] if len(rhs) == 2 and len(lhs) > 2 and node.target not in LOCAL_OPS else ""
     for letter in dict.fromkeys(lhs + rhs):
         a_p = Shard(lhs.index(letter)) if letter in lhs else R
         b_p = Shard(rhs.index(letter)) if letter in rhs else R
@@ -92,6 +110,8 @@ def matmul_options(node: fx.Node) -> list[Option]:
 
 
 def matmul_flops(node: fx.Node) -> float:
+    if node.target is aten.einsum.default and not einsum_supported(node):
+        return float(math.prod(shape(node)))
     lhs, rhs, out = equation(node)
     a, _ = _operands(node)
     contracting = 1
@@ -104,6 +124,14 @@ def matmul_flops(node: fx.Node) -> float:
     return 2.0 * n_out * contracting
 
 
-OPS = (aten.mm.default, aten.bmm.default, aten.addmm.default, aten.linear.default, aten.matmul.default)
+OPS = (
+    aten.mm.default,
+    aten.bmm.default,
+    aten.addmm.default,
+    aten.linear.default,
+    aten.matmul.default,
+    aten.einsum.default,
+)
 RULES: dict[object, RuleFn] = {op: matmul_options for op in OPS}
 FLOPS = {op: matmul_flops for op in OPS}
+LOCAL_OPS = frozenset({aten.einsum.default})

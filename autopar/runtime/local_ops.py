@@ -1,0 +1,132 @@
+"""Ops that run on each rank's local shards instead of through DTensor's dispatcher.
+
+The rule families name these ops (``LOCAL_OPS``): attention (DTensor has no rule for the CPU
+kernel tracing picks), einsum, convolution and pooling, lookups (embedding, gather,
+index, one-hot), top-k, the binary cross entropy, and ops with no rule (replicated). A
+strategy of such an op is exactly a statement that the op on local shards gives this rank's
+piece of the result, so :func:`local_call` unwraps, calls, and wraps in the planned layout.
+
+Two lookups need more than the plain op: when the table is sharded along the dim being
+looked up (row-wise embedding, vocab-parallel embedding), each rank looks up only the
+indices that fall in its rows, writes zeros for the rest, and the result is a partial sum.
+
+Gradients follow the strategy, as in ``solver.graph.grad_spec``: an input replicated along a
+mesh axis that divides the op's work gets a partial-sum gradient; a partial-sum input gets the
+whole (replicated) gradient; a partial-average output passes ``1/n`` of its gradient to each
+rank's local result.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+from torch.utils._pytree import tree_leaves, tree_map
+
+from autopar.solver.specs import parse
+
+aten = torch.ops.aten
+
+
+Unwrap = Callable[[Any], Any]
+
+
+def _unwrapper(split: set[int]) -> Unwrap:
+    """Local shard of a DTensor argument, with the gradient placements the strategy implies."""
+
+    def local(a: Any) -> Any:
+        if not isinstance(a, DTensor):
+            return a
+        grad = [
+            Replicate() if p.is_partial() else (Partial() if p.is_replicate() and i in split else p)
+            for i, p in enumerate(a.placements)
+        ]
+        return a.to_local(grad_placements=grad)
+
+    return local
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, factor: float) -> torch.Tensor:  # type: ignore[override]
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        return grad * ctx.factor, None
+
+
+def _shard_range(t: DTensor, dim: int) -> tuple[int, int]:
+    """(global offset, length) of this rank's slice of ``t`` along ``dim`` (even shards)."""
+    size, offset = t.shape[dim], 0
+    coord = t.device_mesh.get_coordinate()
+    for i, p in enumerate(t.placements):
+        if isinstance(p, Shard) and p.dim % t.dim() == dim:
+            size //= t.device_mesh.size(i)
+            offset += coord[i] * size
+    return offset, size
+
+
+def _masked(index: torch.Tensor, offset: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices shifted into this rank's rows (out-of-range ones set to 0), and the in-range mask."""
+    local = index - offset
+    inside = (local >= 0) & (local < rows)
+    return torch.where(inside, local, torch.zeros_like(local)), inside
+
+
+def _embedding(
+    local: Unwrap, weight: DTensor, indices: DTensor, padding_idx: int = -1, *flags: bool
+) -> torch.Tensor:
+    offset, rows = _shard_range(weight, 0)
+    w, idx = local(weight), local(indices)
+    if rows == weight.shape[0]:
+        return aten.embedding.default(w, idx, padding_idx, *flags)
+    local_idx, inside = _masked(idx, offset, rows)
+    pad = padding_idx - offset if 0 <= padding_idx - offset < rows else -1
+    out = aten.embedding.default(w, local_idx, pad, *flags)
+    return out * inside.unsqueeze(-1).to(out.dtype)
+
+
+def _gather(local: Unwrap, table: DTensor, dim: int, index: DTensor, **kwargs: Any) -> torch.Tensor:
+    dim %= table.dim()
+    offset, rows = _shard_range(table, dim)
+    t, idx = local(table), local(index)
+    if rows == table.shape[dim]:
+        return aten.gather.default(t, dim, idx, **kwargs)
+    local_idx, inside = _masked(idx, offset, rows)
+    return aten.gather.default(t, dim, local_idx, **kwargs) * inside.to(t.dtype)
+
+
+_LOCAL_IMPLS = {aten.embedding.default: _embedding, aten.gather.default: _gather}
+
+
+def local_call(op, spec: str, *args: Any, **kwargs: Any) -> Any:
+    """Run ``op`` on the local shards of its DTensor arguments; wrap outputs as ``spec``."""
+    dtensors = [a for a in tree_leaves((args, kwargs)) if isinstance(a, DTensor)]
+    mesh = dtensors[0].device_mesh
+    placements = parse(spec)
+    split = {
+        i
+        for i in range(mesh.ndim)
+        if not placements[i].is_replicate() or any(not d.placements[i].is_replicate() for d in dtensors)
+    }
+    local = _unwrapper(split)
+    impl = _LOCAL_IMPLS.get(op)
+    if impl is not None:
+        out = impl(local, *args, **kwargs)
+    else:
+        out = op(*tree_map(local, args), **tree_map(local, kwargs))
+    n_avg = math.prod(mesh.size(i) for i, p in enumerate(placements) if p == Partial("avg"))
+
+    def wrap(t: Any) -> Any:
+        if not isinstance(t, torch.Tensor):
+            return t
+        if n_avg > 1 and t.requires_grad:
+            t = _ScaleGrad.apply(t, 1.0 / n_avg)
+        return DTensor.from_local(t, mesh, placements, run_check=False)
+
+    return tree_map(wrap, out)
