@@ -35,6 +35,28 @@ class ZooModel:
 _HF_TEXT_COMMON = {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0}
 
 
+def _llama(description: str, layers: int, hidden: int, heads: int, ffn: int) -> ZooModel:
+    real = {
+        "num_hidden_layers": layers,
+        "hidden_size": hidden,
+        "num_attention_heads": heads,
+        "num_key_value_heads": 8,
+        "intermediate_size": ffn,
+        "vocab_size": 128256,
+        "rope_theta": 500000.0,
+        "max_position_embeddings": 8192,
+    }
+    tiny = {
+        "num_hidden_layers": 2,
+        "hidden_size": 32,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 64,
+        "vocab_size": 96,
+    }
+    return ZooModel("llama", description, real, tiny)
+
+
 def _gpt2(real: dict[str, Any]) -> ZooModel:
     tiny = {"n_layer": 2, "n_embd": 32, "n_head": 4, "vocab_size": 96, "n_positions": 64}
     return ZooModel("gpt2", "GPT-2 architecture (HF GPT2LMHeadModel, tied LM head)", real, tiny)
@@ -53,50 +75,8 @@ ZOO: dict[str, ZooModel] = {
     "gpt3-175b": _gpt2(
         {"n_layer": 96, "n_embd": 12288, "n_head": 96, "vocab_size": 50257, "n_positions": 2048}
     ),
-    "llama3-8b": ZooModel(
-        "llama",
-        "LLaMA-3 (RMSNorm, rotary, grouped-query attention, SwiGLU)",
-        {
-            "num_hidden_layers": 32,
-            "hidden_size": 4096,
-            "num_attention_heads": 32,
-            "num_key_value_heads": 8,
-            "intermediate_size": 14336,
-            "vocab_size": 128256,
-            "rope_theta": 500000.0,
-            "max_position_embeddings": 8192,
-        },
-        {
-            "num_hidden_layers": 2,
-            "hidden_size": 32,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "intermediate_size": 64,
-            "vocab_size": 96,
-        },
-    ),
-    "llama3-70b": ZooModel(
-        "llama",
-        "LLaMA-3 70B",
-        {
-            "num_hidden_layers": 80,
-            "hidden_size": 8192,
-            "num_attention_heads": 64,
-            "num_key_value_heads": 8,
-            "intermediate_size": 28672,
-            "vocab_size": 128256,
-            "rope_theta": 500000.0,
-            "max_position_embeddings": 8192,
-        },
-        {
-            "num_hidden_layers": 2,
-            "hidden_size": 32,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "intermediate_size": 64,
-            "vocab_size": 96,
-        },
-    ),
+    "llama3-8b": _llama("LLaMA-3 8B (RMSNorm, rotary, grouped-query attention, SwiGLU)", 32, 4096, 32, 14336),
+    "llama3-70b": _llama("LLaMA-3 70B", 80, 8192, 64, 28672),
     "mixtral-8x7b": ZooModel(
         "mixtral",
         "Mixtral 8x7B (top-2 router over 8 SwiGLU experts)",
@@ -253,7 +233,8 @@ def _hf_causal(config_cls: str, model_cls: str, limit_key: str | None) -> Callab
 
 
 def _no_dropout(config_cls: str) -> dict[str, float]:
-    """Dropout off, so runs compare bit-for-bit in spirit with one device (see docs)."""
+    """Dropout off: on CPU each rank draws its own masks, so runs could not be compared with
+    one device (see docs/architecture.md). Set the config's dropout to train with it."""
     keys = {
         "GPT2Config": ("resid_pdrop", "embd_pdrop", "attn_pdrop"),
         "BertConfig": ("hidden_dropout_prob", "attention_probs_dropout_prob"),
