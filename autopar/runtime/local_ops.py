@@ -2,7 +2,8 @@
 
 The rule families name these ops (``LOCAL_OPS``): attention (DTensor has no rule for the CPU
 kernel tracing picks), einsum, convolution and pooling, lookups (embedding, gather,
-index, one-hot), top-k, the binary cross entropy, and ops with no rule (replicated). A
+index, one-hot), top-k, the binary cross entropy, clone (DTensor would reduce a partial sum
+first), and ops with no rule (replicated). A
 strategy of such an op is exactly a statement that the op on local shards gives this rank's
 piece of the result, so :func:`local_call` unwraps, calls, and wraps in the planned layout.
 

@@ -56,6 +56,7 @@ FOLLOWERS = (
 #: Ops that run on each rank's local shards instead of through DTensor's dispatcher.
 LOCAL_OPS = (
     attention.LOCAL_OPS
+    | elementwise.LOCAL_OPS
     | matmul.LOCAL_OPS
     | lookup.LOCAL_OPS
     | conv.LOCAL_OPS
