@@ -24,10 +24,12 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+from torch.distributed.tensor import DTensor, Partial, Shard
 from torch.utils._pytree import tree_leaves, tree_map
 
-from autopar.solver.specs import parse
+from autopar.solver.graph import grad_spec
+from autopar.solver.rules.base import Strategy
+from autopar.solver.specs import Spec, parse
 
 aten = torch.ops.aten
 
@@ -35,17 +37,16 @@ aten = torch.ops.aten
 Unwrap = Callable[[Any], Any]
 
 
-def _unwrapper(split: set[int]) -> Unwrap:
-    """Local shard of a DTensor argument, with the gradient placements the strategy implies."""
+def _unwrapper(out: Spec, dtensors: list[DTensor]) -> Unwrap:
+    """Local shard of a DTensor argument, with the gradient placements the strategy implies
+    (``solver.graph.grad_spec`` of the strategy the arguments and ``out`` make up)."""
+    strategy = Strategy(out, tuple(tuple(d.placements) for d in dtensors))
+    position = {id(d): k for k, d in enumerate(dtensors)}
 
     def local(a: Any) -> Any:
         if not isinstance(a, DTensor):
             return a
-        grad = [
-            Replicate() if p.is_partial() else (Partial() if p.is_replicate() and i in split else p)
-            for i, p in enumerate(a.placements)
-        ]
-        return a.to_local(grad_placements=grad)
+        return a.to_local(grad_placements=grad_spec(strategy, position[id(a)]))
 
     return local
 
@@ -110,12 +111,7 @@ def local_call(op, spec: str, *args: Any, **kwargs: Any) -> Any:
     dtensors = [a for a in tree_leaves((args, kwargs)) if isinstance(a, DTensor)]
     mesh = dtensors[0].device_mesh
     placements = parse(spec)
-    split = {
-        i
-        for i in range(mesh.ndim)
-        if not placements[i].is_replicate() or any(not d.placements[i].is_replicate() for d in dtensors)
-    }
-    local = _unwrapper(split)
+    local = _unwrapper(placements, dtensors)
     impl = _LOCAL_IMPLS.get(op)
     if impl is not None:
         out = impl(local, *args, **kwargs)
