@@ -61,3 +61,16 @@ def test_op_without_rule_is_replicated_warned_and_listed():
     assert plan.fallback_ops == ["aten.erfinv.default"]
     assert plan.node("erfinv").spec == "R"
     assert "aten.erfinv.default" in plan.report()
+
+
+class EllipsisEinsum(nn.Module):
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("...ij,...jk->...ik", a, b).sum()
+
+
+def test_einsum_the_rule_does_not_cover_takes_the_fallback_path():
+    with torch.device("meta"):
+        a, b = torch.randn(4, 8, 8), torch.randn(4, 8, 8)
+    with pytest.warns(UserWarning, match="aten.einsum.default"):
+        plan = make_plan(EllipsisEinsum(), (a, b), (4,))
+    assert plan.fallback_ops == ["aten.einsum.default"]

@@ -28,6 +28,8 @@ from autopar.solver.rules.base import Option, RuleFn, Strategy, expand, numel, t
 
 RULES: dict[object, RuleFn] = {}
 FLOPS: dict[object, object] = {}
+#: op -> predicate: the op's rule covers only the calls it accepts
+SUPPORTED: dict[object, object] = {}
 for _family in (
     matmul,
     elementwise,
@@ -43,6 +45,7 @@ for _family in (
 ):
     RULES.update(_family.RULES)
     FLOPS.update(getattr(_family, "FLOPS", {}))
+    SUPPORTED.update(getattr(_family, "SUPPORTED", {}))
 
 #: Ops whose node takes its producer's decision in the ILP (one non-parameter input).
 FOLLOWERS = (
@@ -66,14 +69,14 @@ LOCAL_OPS = (
 
 
 def has_rule(node: fx.Node) -> bool:
-    return node.target in RULES
+    supported = SUPPORTED.get(node.target)
+    return node.target in RULES and (supported is None or supported(node))
 
 
 def options(node: fx.Node) -> list[Option]:
-    rule = RULES.get(node.target)
-    if rule is None:
+    if not has_rule(node):
         return [Option(views.R, (views.R,) * len(tensor_args(node)))]
-    return rule(node)
+    return RULES[node.target](node)
 
 
 def strategies(node: fx.Node, mesh_shape: Sequence[int]) -> list[Strategy]:
@@ -81,7 +84,7 @@ def strategies(node: fx.Node, mesh_shape: Sequence[int]) -> list[Strategy]:
 
 
 def forward_flops(node: fx.Node) -> float:
-    fn = FLOPS.get(node.target)
+    fn = FLOPS.get(node.target) if has_rule(node) else None
     return float(fn(node)) if fn is not None else float(numel(node))
 
 

@@ -11,7 +11,6 @@ local shards (``runtime.local_ops``), so any letter may be sharded.
 
 from __future__ import annotations
 
-import math
 import string
 
 import torch.fx as fx
@@ -73,8 +72,6 @@ def einsum_supported(node: fx.Node) -> bool:
 
 
 def matmul_options(node: fx.Node) -> list[Option]:
-    if node.target is aten.einsum.default and not einsum_supported(node):
-        return [Option(R, (R,) * len(node.args[1]))]
     lhs, rhs, out = equation(node)
     bias = _bias(node)
     out_shape = shape(node)
@@ -110,8 +107,6 @@ def matmul_options(node: fx.Node) -> list[Option]:
 
 
 def matmul_flops(node: fx.Node) -> float:
-    if node.target is aten.einsum.default and not einsum_supported(node):
-        return float(math.prod(shape(node)))
     lhs, rhs, out = equation(node)
     a, _ = _operands(node)
     contracting = 1
@@ -135,3 +130,5 @@ OPS = (
 RULES: dict[object, RuleFn] = {op: matmul_options for op in OPS}
 FLOPS = {op: matmul_flops for op in OPS}
 LOCAL_OPS = frozenset({aten.einsum.default})
+#: Other einsums (ellipsis, three operands, repeated letters) take the fallback path.
+SUPPORTED = {aten.einsum.default: einsum_supported}
