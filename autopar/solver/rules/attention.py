@@ -36,7 +36,7 @@ def sdpa_options(node: fx.Node) -> list[Option]:
         options.append(Option(Shard(d), tuple(placements)))
     if not _is_causal(node):
         mask = [
-            Shard(len(shape(t)) - 2) if shape(t)[-2] == out[2] and len(shape(t)) >= 2 else R for t in ins[3:]
+            Shard(len(shape(t)) - 2) if len(shape(t)) >= 2 and shape(t)[-2] == out[2] else R for t in ins[3:]
         ]
         options.append(Option(Shard(2), (Shard(2), R, R, *mask)))
     return options
