@@ -28,8 +28,6 @@ class ZooModel:
     #: size -> config keyword arguments for the family's builder
     real: dict[str, Any]
     tiny: dict[str, Any]
-    #: whether batch/seq are token sequences (else images or dense features)
-    text: bool = True
 
 
 _HF_TEXT_COMMON = {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0}
@@ -157,7 +155,6 @@ ZOO: dict[str, ZooModel] = {
             "patch_size": 4,
             "num_labels": 8,
         },
-        text=False,
     ),
     "resnet-50": ZooModel(
         "resnet",
@@ -170,7 +167,6 @@ ZOO: dict[str, ZooModel] = {
             "image_size": 224,
         },
         {"depths": [1, 1], "hidden_sizes": [16, 32], "embedding_size": 8, "num_labels": 8, "image_size": 32},
-        text=False,
     ),
     "palm-8b": ZooModel(
         "palm",
@@ -190,7 +186,6 @@ ZOO: dict[str, ZooModel] = {
             "top": (1024, 1024, 512, 256),
         },
         {"tables": 4, "rows": 64, "dim": 8, "dense": 13, "bottom": (16,), "top": (16,)},
-        text=False,
     ),
 }
 
