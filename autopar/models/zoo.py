@@ -195,16 +195,17 @@ def names() -> list[str]:
 
 
 def build(
-    name: str, size: Size = "real", *, batch: int = 8, seq: int = 128
+    name: str, size: Size = "real", *, batch: int = 8, seq: int = 128, overrides: dict[str, Any] | None = None
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The zoo model ``name`` at ``size`` and example keyword inputs (with labels, so the
-    model returns its training loss). Build real sizes under ``torch.device("meta")``."""
+    model returns its training loss). Build real sizes under ``torch.device("meta")``.
+    ``overrides`` replaces config entries (``{"num_hidden_layers": 8}``)."""
     if name not in ZOO:
         raise AutoparError(f"unknown zoo model {name!r}; the zoo has {', '.join(names())}")
     if size not in ("real", "tiny"):
         raise AutoparError(f"size must be 'real' or 'tiny', not {size!r}")
     entry = ZOO[name]
-    cfg = entry.real if size == "real" else entry.tiny
+    cfg = dict(entry.real if size == "real" else entry.tiny, **(overrides or {}))
     return _BUILDERS[entry.family](cfg, batch, seq)
 
 

@@ -13,6 +13,11 @@ ILP only sees *decision nodes* (roots):
 A merged node's cost (and the cost of the edge it was merged over) is added to its root's
 cost vector. The remaining edges, between different roots, carry resharding costs that the
 ILP prices with pairwise terms.
+
+Repeated blocks (``solver.repeats``): nodes with the same op, arguments, shapes and inputs
+share one computed list of strategies and costs (``_Memo``), and so do the merge steps
+over them; a root of a block identical to an earlier one *shares* that block's decision
+(``StrategyGraph.shared``), so the ILP has one block's variables however deep the model is.
 """
 
 from __future__ import annotations
@@ -29,9 +34,10 @@ from torch.distributed.tensor import Partial, Replicate, Shard
 
 from autopar.cost.comm import redistribute_time_s
 from autopar.cost.compute import BACKWARD_OVER_FORWARD, optimizer_step_s, roofline_s
-from autopar.cost.hardware import Hardware
+from autopar.cost.hardware import Hardware, Link
 from autopar.errors import ShardingError
 from autopar.solver import rules
+from autopar.solver.repeats import share_decisions, val_key
 from autopar.solver.rules.base import Strategy, tensor_args
 from autopar.solver.specs import Spec, divides, local_numel, no_partial
 
@@ -74,6 +80,14 @@ class StrategyGraph:
     root_memory_bytes: dict[str, list[int]]
     #: edges between different roots
     edges: list[EdgeUse]
+    #: root -> the root of an identical earlier block whose decision it takes
+    shared: dict[str, str] = field(default_factory=dict)
+    #: one line per stack of repeated blocks that share decisions
+    shared_blocks: list[str] = field(default_factory=list)
+
+    def decision(self, root: str) -> str:
+        """The root whose ILP decision ``root`` takes (itself unless it is shared)."""
+        return self.shared.get(root, root)
 
     def spec_of(self, name: str, choice: dict[str, int]) -> Strategy:
         nc = self.nodes[name]
@@ -85,6 +99,11 @@ class StrategyGraph:
     @property
     def roots(self) -> list[str]:
         return list(self.root_cost_s)
+
+    @functools.cached_property
+    def links(self) -> tuple[Link, ...]:
+        """The link each mesh axis communicates over."""
+        return self.hw.axis_links(self.mesh_shape)
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -117,7 +136,7 @@ def edge_cost_s(
         return 0.0
     v = src.node.meta["val"]
     shape, itemsize = tuple(v.shape), v.element_size()
-    links = g.hw.axis_links(g.mesh_shape)
+    links = g.links
     need = dst_s.ins[arg]
     t = redistribute_time_s(src_spec, need, shape, itemsize, g.mesh_shape, links)
     if src.requires_grad:
@@ -135,30 +154,81 @@ def _leaf_specs(shape: Sequence[int], n_axes: int) -> list[Spec]:
     return out
 
 
+@dataclass
+class _Memo:
+    """Results shared by nodes with equal keys (repeated blocks): each distinct node's
+    strategies and costs, and each distinct merge step, are computed once. Keys hold the
+    ``id`` of shared lists, which stay alive in the graph while it is built."""
+
+    choices: dict = field(default_factory=dict)
+    follow: dict = field(default_factory=dict)
+    leaf: dict = field(default_factory=dict)
+    identity: dict = field(default_factory=dict)
+
+    def iota(self, n: int) -> list[int]:
+        return self.identity.setdefault(n, list(range(n)))
+
+
 def build(
     gm: fx.GraphModule,
     mesh_shape: Sequence[int],
     hw: Hardware,
     trainable: dict[str, bool],
     pin: Pin | None = None,
+    *,
+    share_blocks: bool = True,
 ) -> StrategyGraph:
+    """The strategy graph of ``gm`` on ``mesh_shape``; with ``share_blocks``, identical
+    repeated blocks share their decisions (see ``solver.repeats``)."""
     mesh_shape = tuple(mesh_shape)
     nodes: dict[str, NodeChoices] = {}
+    memo = _Memo()
     for node in gm.graph.nodes:
-        nc = _choices(node, mesh_shape, hw, trainable, nodes)
+        nc = _choices(node, trainable, nodes)
         if nc is None:
             continue
-        if pin is not None:
-            nc.strategies = pin(nc, nc.strategies)
-        if nc.kind == "op":
-            nc.strategies = _reachable(nc, nodes)
-        _reprice(nc, mesh_shape, hw)
-        if not nc.strategies:
-            raise ShardingError(_no_strategy_message(nc, mesh_shape))
+        key = _choice_key(nc, nodes)
+        hit = memo.choices.get(key)
+        if hit is None:
+            nc.strategies = _strategies(nc, mesh_shape, nodes)
+            if pin is not None:
+                nc.strategies = pin(nc, nc.strategies)
+            if nc.kind == "op":
+                nc.strategies = _reachable(nc, nodes)
+            _reprice(nc, mesh_shape, hw)
+            if not nc.strategies:
+                raise ShardingError(_no_strategy_message(nc, mesh_shape))
+            hit = memo.choices[key] = (nc.strategies, nc.cost_s, nc.memory_bytes)
+        nc.strategies, nc.cost_s, nc.memory_bytes = hit
         nodes[node.name] = nc
     g = StrategyGraph(mesh_shape, hw, nodes, {}, {}, [])
-    _merge(g)
+    _merge(g, memo)
+    if share_blocks:
+        share_decisions(g, gm)
     return g
+
+
+def _choice_key(nc: NodeChoices, nodes: dict[str, NodeChoices]) -> tuple:
+    """What a node's strategies and costs depend on: op, arguments, shapes, dtypes, gradient
+    flow, and the layouts its leaf inputs may take (by identity of their shared lists)."""
+    node = nc.node
+    v = val_key(node.meta.get("val"))
+    if nc.kind in ("input", "param", "buffer"):
+        return (nc.kind, v, _written_in_place(node), tuple(sorted(str(u.target) for u in node.users)))
+    if nc.kind == "getitem":
+        return ("getitem", id(nodes[node.args[0].name].strategies), v)
+
+    def arg(a: object) -> object:
+        if not isinstance(a, fx.Node):
+            return a
+        src = nodes.get(a.name)
+        if src is None:
+            return ("node", val_key(a.meta.get("val")))
+        leaf = id(src.strategies) if src.kind in ("input", "param", "buffer") else None
+        return ("node", val_key(a.meta.get("val")), src.requires_grad, leaf)
+
+    args = repr(fx.node.map_aggregate((node.args, node.kwargs), arg))
+    return ("op", str(node.target), args, v, nc.requires_grad)
 
 
 def _reachable(nc: NodeChoices, nodes: dict[str, NodeChoices]) -> list[Strategy]:
@@ -177,36 +247,41 @@ def _written_in_place(node: fx.Node) -> bool:
     return any(u.target in rules.elementwise.INPLACE and u.args[0] is node for u in node.users)
 
 
-def _choices(node, mesh_shape, hw, trainable, nodes) -> NodeChoices | None:
+def _choices(node: fx.Node, trainable: dict[str, bool], nodes: dict[str, NodeChoices]) -> NodeChoices | None:
+    """The node's kind and gradient flow; its strategies are filled in by ``build``."""
     v = node.meta.get("val")
     if node.op in ("placeholder", "get_attr"):
         if not isinstance(v, torch.Tensor):
             return None
         kind = "input" if node.op == "placeholder" else ("param" if trainable.get(node.target) else "buffer")
-        specs = _leaf_specs(v.shape, len(mesh_shape))
-        if _written_in_place(node):  # the write must land in the buffer itself, not a resharded copy
-            specs = [tuple(Replicate() for _ in mesh_shape)]
-        strategies = [Strategy(s, ()) for s in specs if divides(s, v.shape, mesh_shape)]
-        nc = NodeChoices(node, kind, strategies, [], [], kind == "param")
-    elif node.op == "call_function" and node.target is operator.getitem:
+        return NodeChoices(node, kind, [], [], [], kind == "param")
+    if node.op == "call_function" and node.target is operator.getitem:
         src = nodes.get(node.args[0].name) if isinstance(node.args[0], fx.Node) else None
         if src is None or not isinstance(v, torch.Tensor):
             return None
-        outs = list(dict.fromkeys(s.out for s in src.strategies))
-        nc = NodeChoices(node, "getitem", [Strategy(o, (o,)) for o in outs], [], [], src.requires_grad)
-    elif node.op == "call_function":
+        return NodeChoices(node, "getitem", [], [], [], src.requires_grad)
+    if node.op == "call_function":
         if not (isinstance(v, torch.Tensor) or (isinstance(v, (list, tuple)) and v)):
             return None
         args = tensor_args(node)
         req = any(nodes[a.name].requires_grad for a in args if a.name in nodes)
         outs = [v] if isinstance(v, torch.Tensor) else [t for t in v if isinstance(t, torch.Tensor)]
         req = req and all(t.is_floating_point() for t in outs)
-        nc = NodeChoices(
-            node, "op", rules.strategies(node, mesh_shape), [], [], req, fallback=not rules.has_rule(node)
-        )
-    else:
-        return None
-    return nc
+        return NodeChoices(node, "op", [], [], [], req, fallback=not rules.has_rule(node))
+    return None
+
+
+def _strategies(nc: NodeChoices, mesh_shape, nodes) -> list[Strategy]:
+    node, v = nc.node, nc.node.meta["val"]
+    if nc.kind == "getitem":
+        outs = list(dict.fromkeys(s.out for s in nodes[node.args[0].name].strategies))
+        return [Strategy(o, (o,)) for o in outs]
+    if nc.kind == "op":
+        return rules.strategies(node, mesh_shape)
+    specs = _leaf_specs(v.shape, len(mesh_shape))
+    if _written_in_place(node):  # the write must land in the buffer itself, not a resharded copy
+        specs = [tuple(Replicate() for _ in mesh_shape)]
+    return [Strategy(s, ()) for s in specs if divides(s, v.shape, mesh_shape)]
 
 
 def _reprice(nc: NodeChoices, mesh_shape, hw: Hardware) -> None:
@@ -254,7 +329,7 @@ def _no_strategy_message(nc: NodeChoices, mesh_shape) -> str:
     )
 
 
-def _merge(g: StrategyGraph) -> None:
+def _merge(g: StrategyGraph, memo: _Memo) -> None:
     """Assign every node a root and a pick map; fold follower and leaf costs into roots."""
     users: dict[str, list[tuple[str, int]]] = {n: [] for n in g.nodes}
     for name, nc in g.nodes.items():
@@ -275,18 +350,24 @@ def _merge(g: StrategyGraph) -> None:
             continue  # decided with its consumer, below
         if follows:
             k, src = producers[0]
-            root = g.nodes[src].root
-            nc.root = root
-            extra = _follow(g, nc, k, g.nodes[src])
+            nc.root = g.nodes[src].root
+            extra = _follow(g, nc, k, g.nodes[src], memo)
             folded.add((src, name, k))
-            _fold_leaves(g, nc, ins, foldable_leaf, folded, extra)
         else:
             nc.root = name
-            nc.pick = list(range(len(nc.strategies)))
+            nc.pick = memo.iota(len(nc.strategies))
             g.root_cost_s[name] = [0.0] * len(nc.strategies)
             g.root_memory_bytes[name] = [0] * len(nc.strategies)
             extra = list(nc.cost_s)
-            _fold_leaves(g, nc, ins, foldable_leaf, folded, extra)
+        mem = [nc.memory_bytes[i] for i in nc.pick]
+        for k, a in ins:
+            if foldable_leaf(a):
+                _fold_leaf(g, g.nodes[a], nc, k, extra, mem, memo)
+                folded.add((a, name, k))
+        costs, mems = g.root_cost_s[nc.root], g.root_memory_bytes[nc.root]
+        for j in range(len(extra)):
+            costs[j] += extra[j]
+            mems[j] += mem[j]
     for name, nc in g.nodes.items():
         for k, a in enumerate(node_inputs(nc)):
             if a.name in g.nodes and (a.name, name, k) not in folded:
@@ -294,20 +375,29 @@ def _merge(g: StrategyGraph) -> None:
     _price_outputs(g)
 
 
-def _follow(g: StrategyGraph, nc: NodeChoices, k: int, src: NodeChoices) -> list[float]:
+def edge_key(src: NodeChoices, dst: NodeChoices) -> tuple:
+    """What ``edge_cost_s`` depends on besides the two specs."""
+    return (val_key(src.node.meta["val"]), src.requires_grad, dst.kind)
+
+
+def _follow(g: StrategyGraph, nc: NodeChoices, k: int, src: NodeChoices, memo: _Memo) -> list[float]:
     """For each strategy of the producer's root, pick nc's cheapest strategy given the
     producer's layout (on a tie, the one that reads it as it is); return the costs."""
-    nc.pick, costs = [], []
-    for j in range(len(g.root_cost_s[nc.root])):
-        src_spec = src.strategies[src.pick[j]].out
-        options = [
-            (nc.cost_s[i] + edge_cost_s(g, src, nc, k, src_spec, s), s.ins[k] != src_spec, i)
-            for i, s in enumerate(nc.strategies)
-        ]
-        cost, _, best = min(options)
-        nc.pick.append(best)
-        costs.append(cost)
-    return costs
+    key = (id(src.strategies), id(src.pick), id(nc.strategies), id(nc.cost_s), k, edge_key(src, nc))
+    hit = memo.follow.get(key)
+    if hit is None:
+        best_for: dict[Spec, tuple[float, bool, int]] = {}
+        for j in src.pick:
+            src_spec = src.strategies[j].out
+            if src_spec not in best_for:
+                best_for[src_spec] = min(
+                    (nc.cost_s[i] + edge_cost_s(g, src, nc, k, src_spec, s), s.ins[k] != src_spec, i)
+                    for i, s in enumerate(nc.strategies)
+                )
+        chosen = [best_for[src.strategies[j].out] for j in src.pick]
+        hit = memo.follow[key] = ([c[2] for c in chosen], [c[0] for c in chosen])
+    nc.pick = hit[0]
+    return list(hit[1])
 
 
 def node_inputs(nc: NodeChoices) -> list[fx.Node]:
@@ -315,31 +405,41 @@ def node_inputs(nc: NodeChoices) -> list[fx.Node]:
     return [nc.node.args[0]] if nc.kind == "getitem" else tensor_args(nc.node)
 
 
-def _fold_leaves(g, nc: NodeChoices, ins, foldable_leaf, folded, extra: list[float]) -> None:
-    """Lay out each single-use leaf input as nc's strategy wants it; add all costs to the root."""
-    root = nc.root
-    leaves = [(k, a) for k, a in ins if foldable_leaf(a)]
-    mem = [nc.memory_bytes[nc.pick[j]] for j in range(len(extra))]
-    for k, a in leaves:
-        leaf = g.nodes[a]
-        leaf.root, leaf.pick = root, []
-        for j in range(len(extra)):
-            s = nc.strategies[nc.pick[j]]
-            want = no_partial(s.ins[k])
-            best = min(
-                range(len(leaf.strategies)),
-                key=lambda i: (
-                    leaf.cost_s[i] + edge_cost_s(g, leaf, nc, k, leaf.strategies[i].out, s),
-                    leaf.strategies[i].out != want,
-                ),
-            )
-            leaf.pick.append(best)
-            extra[j] += leaf.cost_s[best] + edge_cost_s(g, leaf, nc, k, leaf.strategies[best].out, s)
-            mem[j] += leaf.memory_bytes[best]
-        folded.add((a, nc.name, k))
-    for j in range(len(extra)):
-        g.root_cost_s[root][j] += extra[j]
-        g.root_memory_bytes[root][j] += mem[j]
+def _fold_leaf(
+    g: StrategyGraph,
+    leaf: NodeChoices,
+    nc: NodeChoices,
+    k: int,
+    extra: list[float],
+    mem: list[int],
+    memo: _Memo,
+) -> None:
+    """Lay out a single-use leaf input as nc's strategy wants it; add its costs to ``extra``
+    and its bytes to ``mem`` (both per strategy of nc's root)."""
+    key = (id(leaf.strategies), id(leaf.cost_s), id(leaf.memory_bytes), id(nc.strategies), id(nc.pick), k)
+    key += (edge_key(leaf, nc),)
+    hit = memo.leaf.get(key)
+    if hit is None:
+        best_for: dict[int, tuple[float, bool, int]] = {}
+        for i_nc in nc.pick:
+            if i_nc not in best_for:
+                s = nc.strategies[i_nc]
+                want = no_partial(s.ins[k])
+                best_for[i_nc] = min(
+                    (
+                        leaf.cost_s[i] + edge_cost_s(g, leaf, nc, k, ls.out, s),
+                        ls.out != want,
+                        i,
+                    )
+                    for i, ls in enumerate(leaf.strategies)
+                )
+        chosen = [best_for[i_nc] for i_nc in nc.pick]
+        pick = [c[2] for c in chosen]
+        hit = memo.leaf[key] = (pick, [c[0] for c in chosen], [leaf.memory_bytes[i] for i in pick])
+    leaf.root, leaf.pick = nc.root, hit[0]
+    for j, (c, b) in enumerate(zip(hit[1], hit[2])):
+        extra[j] += c
+        mem[j] += b
 
 
 def output_names(g: StrategyGraph) -> set[str]:

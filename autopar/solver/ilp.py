@@ -1,33 +1,39 @@
 r"""The integer linear program that chooses every decision node's strategy.
 
-Sets: decision nodes (roots) ``r`` with strategies ``j in S_r``; edges ``e = (u -> v)``
-between different roots. On an edge, the producer's strategies are grouped by the output
-spec they give the tensor (``a in A_e``) and the consumer's by the input spec and gradient
-spec they need (``b in B_e``); ``c_e(a, b)`` is the resharding time forward plus the
+Sets: decisions ``d`` with strategies ``j in S_d``. A decision is a root of the strategy
+graph, or the class of corresponding roots of identical repeated blocks, which take one
+decision together (``StrategyGraph.shared``). Edges ``e = (u -> v)`` between different
+roots; edges that connect the same two decisions with the same layouts and prices are one
+edge ``e`` with multiplicity ``w_e``. On an edge, the producer's strategies are grouped by the
+output spec they give the tensor (``a in A_e``) and the consumer's by the input spec and
+gradient spec they need (``b in B_e``); ``c_e(a, b)`` is the resharding time forward plus the
 gradient's way back.
 
-Variables: ``x[r, j]`` binary (root r uses strategy j); ``z[e, a, b] >= 0`` continuous.
+Variables: ``x[d, j]`` binary (decision d uses strategy j); ``z[e, a, b] >= 0`` continuous.
 
 Objective (estimated training step time, seconds)::
 
-    minimize  sum_r sum_j cost_r(j) x[r, j]  +  sum_e sum_{a, b} c_e(a, b) z[e, a, b]
+    minimize  sum_d sum_j cost_d(j) x[d, j]  +  sum_e w_e sum_{a, b} c_e(a, b) z[e, a, b]
 
-``cost_r(j)`` holds compute (forward and backward), optimizer step, the merged followers'
-and leaves' costs and the folded edges' resharding (see ``solver.graph``).
+``cost_d(j)`` is the sum over the roots ``r`` of the decision of ``cost_r(j)``: compute
+(forward and backward), optimizer step, the merged followers' and leaves' costs and the
+folded edges' resharding (see ``solver.graph``).
 
 Named constraints::
 
-    one_strategy[r]:    sum_j x[r, j] = 1
-    edge_src[e, a]:     sum_b z[e, a, b] = sum_{j : out(j) = a} x[u, j]
-    edge_dst[e, b]:     sum_a z[e, a, b] = sum_{k : in(k) = b} x[v, k]
-    memory_budget:      sum_r sum_j mem_r(j) x[r, j] <= budget        (when a budget is given)
+    one_strategy[d]:    sum_j x[d, j] = 1
+    edge_src[e, a]:     sum_b z[e, a, b] = sum_{j : out(j) = a} x[d(u), j]
+    edge_dst[e, b]:     sum_a z[e, a, b] = sum_{k : in(k) = b} x[d(v), k]
+    memory_budget:      sum_d sum_j mem_d(j) x[d, j] <= budget        (when a budget is given)
 
 ``edge_src``/``edge_dst`` make ``z[e]`` a transport plan between two one-hot marginals, so
 ``z[e, a, b] = X_a Y_b`` exactly at integer points; the formulation is tight, so the LP
 relaxation is usually integral. An edge whose producer (or consumer) side has a single group
-needs no ``z``: its cost is linear in the other side's ``x``. The memory term is the
-per-device sum of parameter, gradient and optimizer-state bytes plus every saved activation
-(the peak of a training step without recomputation).
+needs no ``z``: its cost is linear in the other side's ``x``. The memory term ``mem_d`` sums,
+like ``cost_d``, the per-device parameter, gradient and optimizer-state bytes plus every saved
+activation of the decision's roots (the peak of a training step without recomputation).
+Shared decisions make the ILP's size independent of the model's depth; the objective stays
+exact, since each member's costs are summed into its decision.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ from dataclasses import dataclass
 import pulp
 
 from autopar.errors import InfeasibleBudgetError
-from autopar.solver.graph import EdgeUse, StrategyGraph, grad_spec
+from autopar.solver.graph import EdgeUse, StrategyGraph, edge_key, grad_spec
 
 
 @dataclass
@@ -60,14 +66,40 @@ class Solution:
 def _edge_groups(g: StrategyGraph, e: EdgeUse):
     """(producer group per root strategy, consumer group per root strategy, cost matrix)."""
     src, dst = g.nodes[e.src], g.nodes[e.dst]
-    a_of = [src.strategies[src.pick[j]].out for j in range(len(g.root_cost_s[src.root]))]
-    b_strats = [dst.strategies[dst.pick[k]] for k in range(len(g.root_cost_s[dst.root]))]
+    a_of = [src.strategies[j].out for j in src.pick]
+    b_strats = [dst.strategies[k] for k in dst.pick]
     b_of = [(s.ins[e.arg], grad_spec(s, e.arg)) for s in b_strats]
     a_keys = list(dict.fromkeys(a_of))
     b_keys = list(dict.fromkeys(b_of))
     rep = {b: s for b, s in zip(b_of, b_strats)}
     cost = {(a, b): g.edge_cost_s(e, a, rep[b]) for a in a_keys for b in b_keys}
     return a_of, b_of, a_keys, b_keys, cost
+
+
+def distinct_edges(g: StrategyGraph) -> list[tuple[EdgeUse, int]]:
+    """The ILP's edges with their multiplicities: edges between the same two decisions whose
+    group maps and prices are the same objects (repeated blocks) are one edge."""
+    count: dict[tuple, list] = {}
+    for e in g.edges:
+        src, dst = g.nodes[e.src], g.nodes[e.dst]
+        key = (g.decision(src.root), g.decision(dst.root), id(src.strategies), id(src.pick))
+        key += (id(dst.strategies), id(dst.pick), e.arg, edge_key(src, dst))
+        count.setdefault(key, [e, 0])[1] += 1
+    return [(e, n) for e, n in count.values()]
+
+
+def _decision_vectors(g: StrategyGraph) -> tuple[dict[str, list[float]], dict[str, list[int]]]:
+    """cost_d and mem_d: the sums over each decision's roots."""
+    cost: dict[str, list[float]] = {}
+    mem: dict[str, list[int]] = {}
+    for r in g.roots:
+        d = g.decision(r)
+        if d not in cost:
+            cost[d], mem[d] = [0.0] * len(g.root_cost_s[r]), [0] * len(g.root_cost_s[r])
+        for j, (c, m) in enumerate(zip(g.root_cost_s[r], g.root_memory_bytes[r])):
+            cost[d][j] += c
+            mem[d][j] += m
+    return cost, mem
 
 
 def evaluate(g: StrategyGraph, choice: dict[str, int]) -> float:
@@ -93,20 +125,21 @@ def solve(
     """Solve the ILP; with a time limit, return the best plan found and its gap."""
     t0 = time.perf_counter()
     prob = pulp.LpProblem("autopar", pulp.LpMinimize)
+    cost, mem = _decision_vectors(g)
     x = {
-        r: [pulp.LpVariable(f"x_{i}_{j}", cat="Binary") for j in range(len(g.root_cost_s[r]))]
-        for i, r in enumerate(g.roots)
+        d: [pulp.LpVariable(f"x_{i}_{j}", cat="Binary") for j in range(len(cost[d]))]
+        for i, d in enumerate(cost)
     }
-    mem_expr = pulp.lpSum(m * v for r in g.roots for m, v in zip(g.root_memory_bytes[r], x[r]))
+    mem_expr = pulp.lpSum(m * v for d in x for m, v in zip(mem[d], x[d]))
     if objective == "memory":
         terms = [mem_expr]
     else:
-        terms = [pulp.lpSum(c * v for r in g.roots for c, v in zip(g.root_cost_s[r], x[r]))]
-    for r in g.roots:
-        prob += pulp.lpSum(x[r]) == 1, f"one_strategy_{r}"
+        terms = [pulp.lpSum(c * v for d in x for c, v in zip(cost[d], x[d]))]
+    for i, d in enumerate(x):
+        prob += pulp.lpSum(x[d]) == 1, f"one_strategy_{i}"
     if objective == "time":
-        for ei, e in enumerate(g.edges):
-            terms.append(_edge_terms(g, e, ei, x, prob))
+        for ei, (e, weight) in enumerate(distinct_edges(g)):
+            terms.append(_edge_terms(g, e, ei, weight, x, prob))
     prob += pulp.lpSum(terms)
     if memory_budget_bytes is not None:
         prob += mem_expr <= memory_budget_bytes, "memory_budget"
@@ -121,41 +154,50 @@ def solve(
             "Raise the budget or use more devices.",
             need,
         )
-    choice = {r: max(range(len(x[r])), key=lambda j: x[r][j].value() or 0.0) for r in g.roots}
+    chosen = {d: max(range(len(x[d])), key=lambda j: x[d][j].value() or 0.0) for d in x}
+    choice = {r: chosen[g.decision(r)] for r in g.roots}
     return Solution(choice, evaluate(g, choice), status, gap, time.perf_counter() - t0, name, n_vars)
 
 
-def _edge_terms(g: StrategyGraph, e: EdgeUse, ei: int, x, prob: pulp.LpProblem):
+def _edge_terms(g: StrategyGraph, e: EdgeUse, ei: int, weight: int, x, prob: pulp.LpProblem):
     src, dst = g.nodes[e.src], g.nodes[e.dst]
     a_of, b_of, a_keys, b_keys, cost = _edge_groups(g, e)
-    xs, xd = x[src.root], x[dst.root]
+    xs, xd = x[g.decision(src.root)], x[g.decision(dst.root)]
     if len(a_keys) == 1:
-        return pulp.lpSum(cost[(a_keys[0], b)] * v for b, v in zip(b_of, xd))
+        return pulp.lpSum(weight * cost[(a_keys[0], b)] * v for b, v in zip(b_of, xd))
     if len(b_keys) == 1:
-        return pulp.lpSum(cost[(a, b_keys[0])] * v for a, v in zip(a_of, xs))
+        return pulp.lpSum(weight * cost[(a, b_keys[0])] * v for a, v in zip(a_of, xs))
     z = {
         (ai, bi): pulp.LpVariable(f"z_{ei}_{ai}_{bi}", lowBound=0)
         for ai in range(len(a_keys))
         for bi in range(len(b_keys))
     }
-    for ai, a in enumerate(a_keys):
+    src_x, dst_x = _grouped(a_of, a_keys, xs), _grouped(b_of, b_keys, xd)
+    for ai in range(len(a_keys)):
         prob += (
-            pulp.lpSum(z[ai, bi] for bi in range(len(b_keys)))
-            == pulp.lpSum(v for aa, v in zip(a_of, xs) if aa == a),
+            pulp.lpSum(z[ai, bi] for bi in range(len(b_keys))) == pulp.lpSum(src_x[ai]),
             f"edge_src_{ei}_{ai}",
         )
-    for bi, b in enumerate(b_keys):
+    for bi in range(len(b_keys)):
         prob += (
-            pulp.lpSum(z[ai, bi] for ai in range(len(a_keys)))
-            == pulp.lpSum(v for bb, v in zip(b_of, xd) if bb == b),
+            pulp.lpSum(z[ai, bi] for ai in range(len(a_keys))) == pulp.lpSum(dst_x[bi]),
             f"edge_dst_{ei}_{bi}",
         )
     return pulp.lpSum(
-        cost[(a, b)] * z[ai, bi]
+        weight * cost[(a, b)] * z[ai, bi]
         for ai, a in enumerate(a_keys)
         for bi, b in enumerate(b_keys)
         if cost[(a, b)] > 0
     )
+
+
+def _grouped(group_of: list, keys: list, x: list) -> list[list]:
+    """The variables of ``x`` by the group their strategy falls in."""
+    index = {k: i for i, k in enumerate(keys)}
+    out: list[list] = [[] for _ in keys]
+    for g, v in zip(group_of, x):
+        out[index[g]].append(v)
+    return out
 
 
 @contextlib.contextmanager
@@ -192,12 +234,13 @@ def _run(prob: pulp.LpProblem, solver: str, time_limit_s: float | None) -> tuple
 
 
 def brute_force(g: StrategyGraph) -> Solution:
-    """Enumerate every assignment of the roots; the reference the ILP is tested against."""
+    """Enumerate every assignment of the decisions; the reference the ILP is tested against."""
     t0 = time.perf_counter()
-    roots = g.roots
+    decisions = list(dict.fromkeys(g.decision(r) for r in g.roots))
     best, best_choice = math.inf, {}
-    for combo in itertools.product(*(range(len(g.root_cost_s[r])) for r in roots)):
-        choice = dict(zip(roots, combo))
+    for combo in itertools.product(*(range(len(g.root_cost_s[d])) for d in decisions)):
+        chosen = dict(zip(decisions, combo))
+        choice = {r: chosen[g.decision(r)] for r in g.roots}
         v = evaluate(g, choice)
         if v < best:
             best, best_choice = v, choice

@@ -135,6 +135,7 @@ class Plan:
             f"estimated step {self.estimated_step_s * 1e3:.3f} ms, peak memory "
             f"{self.peak_memory_bytes / 2**20:.1f} MiB per device, solver {self.solver.get('status', '?')} "
             f"(gap {self.solver.get('gap', 0.0):.2%}) in {self.solver.get('solve_s', 0.0):.2f} s",
+            *(f"repeated blocks: {line}" for line in self.solver.get("shared_blocks", [])),
             "",
             f"{'layer':<22} {'out':<7} {'compute ms':>10} {'comm ms':>9} {'MiB':>8}  parameters",
         ]

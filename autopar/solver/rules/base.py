@@ -9,6 +9,7 @@ DTensor builds its own multi-axis strategies.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Callable, Sequence
@@ -40,6 +41,13 @@ class Strategy:
 
     out: Spec
     ins: tuple[Spec, ...]
+
+    def __hash__(self) -> int:  # the solver hashes strategies often; placements hash slowly
+        return self._hash
+
+    @functools.cached_property
+    def _hash(self) -> int:
+        return hash((self.out, self.ins))
 
 
 RuleFn = Callable[[fx.Node], list[Option]]

@@ -1,0 +1,138 @@
+"""Repeated blocks: the layers of a model that are the same computation on the same shapes.
+
+Models are stacks of identical layers (``model.layers.0`` ... ``model.layers.79``). Two things
+keep planning time flat in depth:
+
+- the strategy graph computes each distinct node's strategies and costs once
+  (``solver.graph`` keys them by :func:`val_key` of the node and its inputs), and
+- corresponding decision nodes of identical blocks share one decision in the ILP
+  (``StrategyGraph.shared``, set by :func:`share_decisions`), so the ILP has one block's
+  variables however deep the model is.
+
+A *block* is the set of nodes whose module path (``nn_module_stack``, or a parameter's fully
+qualified name) runs through a numbered child ``<prefix>.<i>`` of a module list; the innermost
+number on the path names the block, so ResNet's ``stages.0.layers.1`` is a block of
+``stages.0.layers``. Blocks of one prefix are *identical* when their nodes, in graph order, have
+equal signatures: the same op, the same non-tensor arguments, the same output shapes and
+dtypes, and tensor arguments that are the same position inside the block or nodes outside it
+with the same shape and dtype. Sharing a decision is a restriction (the layers of one stack
+choose alike, as Alpa and PyTorch's autoparallel do); it never makes the priced objective wrong,
+since every member's costs are summed into the shared decision.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from typing import TYPE_CHECKING
+
+import torch
+import torch.fx as fx
+
+if TYPE_CHECKING:
+    from autopar.solver.graph import StrategyGraph
+
+
+def val_key(v: object) -> object:
+    """Shapes and dtypes of a node's value, hashable."""
+    if isinstance(v, torch.Tensor):
+        return (tuple(int(s) for s in v.shape), v.dtype)
+    if isinstance(v, (list, tuple)):
+        return tuple(val_key(t) for t in v)
+    return type(v).__name__
+
+
+def block_of(node: fx.Node) -> tuple[str, int] | None:
+    """(prefix, index) of the innermost numbered module on the node's path, if any."""
+    if node.op == "get_attr":
+        path = str(node.target)
+    elif node.op == "call_function":
+        stack = node.meta.get("nn_module_stack") or {}
+        if not stack:
+            return None
+        path = list(stack.values())[-1][0]
+        if not isinstance(path, str):
+            return None
+        path = path.replace("L['self'].", "").replace("L__self__.", "")
+    else:
+        return None
+    parts = path.split(".")
+    for i in range(len(parts) - 1, -1, -1):
+        if parts[i].isdigit():
+            return ".".join(parts[:i]), int(parts[i])
+    return None
+
+
+def block_templates(gm: fx.GraphModule) -> tuple[dict[str, str], dict[tuple[str, int], list[int]]]:
+    """Map every node of a repeated block to the same-position node of the first identical
+    block. Also returns, per first block ``(prefix, i)``, the indices of the blocks that
+    repeat it."""
+    blocks: dict[tuple[str, int], list[fx.Node]] = defaultdict(list)
+    for node in gm.graph.nodes:
+        b = block_of(node)
+        if b is not None:
+            blocks[b].append(node)
+    template: dict[str, str] = {}
+    repeats: dict[tuple[str, int], list[int]] = defaultdict(list)
+    firsts: dict[tuple, int] = {}  # (prefix, block signature) -> first block with it
+    for prefix, i in sorted(blocks):
+        first = firsts.setdefault((prefix, _signature(blocks[(prefix, i)])), i)
+        if first != i:
+            repeats[(prefix, first)].append(i)
+            for a, b in zip(blocks[(prefix, i)], blocks[(prefix, first)]):
+                template[a.name] = b.name
+    return template, dict(repeats)
+
+
+def _local_name(fqn: str) -> str:
+    """A parameter's name inside its block: ``model.layers.3.mlp.w`` -> ``mlp.w``."""
+    parts = fqn.split(".")
+    last = max((i for i, p in enumerate(parts) if p.isdigit()), default=-1)
+    return ".".join(parts[last + 1 :])
+
+
+def _signature(nodes: list[fx.Node]) -> tuple:
+    pos = {n: k for k, n in enumerate(nodes)}
+
+    def arg(a: object) -> object:
+        if isinstance(a, fx.Node):
+            return ("in", pos[a]) if a in pos else ("out", val_key(a.meta.get("val")))
+        return a
+
+    return tuple(
+        (
+            n.op,
+            str(n.target) if n.op == "call_function" else _local_name(str(n.target)),
+            repr(fx.node.map_aggregate(n.args, arg)),
+            repr(fx.node.map_aggregate(n.kwargs, arg)),
+            val_key(n.meta.get("val")),
+        )
+        for n in nodes
+    )
+
+
+def share_decisions(g: StrategyGraph, gm: fx.GraphModule) -> None:
+    """Tie each root of a repeated block to the same-position root of the first identical
+    block. Blocks with a single decision (one linear layer of a Sequential) stay free: tying
+    them would forbid alternating layouts such as Megatron's column-then-row pairs."""
+    template, repeats = block_templates(gm)
+    roots_per_block = Counter(block_of(g.nodes[r].node) for r in g.roots)
+    for r in g.roots:
+        t = template.get(r)
+        if t is None or t not in g.root_cost_s or roots_per_block[block_of(g.nodes[t].node)] < 2:
+            continue
+        if g.nodes[r].strategies is g.nodes[t].strategies or g.nodes[r].strategies == g.nodes[t].strategies:
+            g.shared[r] = t
+    tied = {block_of(g.nodes[t].node) for t in g.shared.values()}
+    for (prefix, first), others in repeats.items():
+        if (prefix, first) in tied:
+            g.shared_blocks.append(f"{prefix}.{{{_ranges(others)}}} share the decisions of {prefix}.{first}")
+
+
+def _ranges(indices: list[int]) -> str:
+    """[1, 2, 3, 5] -> "1-3,5"."""
+    out, start = [], indices[0]
+    for a, b in zip(indices, indices[1:] + [None]):
+        if b != a + 1:
+            out.append(str(start) if start == a else f"{start}-{a}")
+            start = b
+    return ",".join(out)
