@@ -39,7 +39,10 @@ def test_plan_json_round_trip(tmp_path):
 def test_report_lists_layers_layouts_and_costs():
     plan = _gpt_plan(strategy="megatron")
     text = plan.report()
-    assert "blocks.0.attn" in text and "q.weight=RS0" in text and "proj.weight=RS1" in text
+    # column-parallel q and a row-parallel second MLP linear (which of the near-equal layouts
+    # attn.proj takes is within the solver's gap on this tiny model)
+    rows = {line.split()[0]: line for line in text.splitlines() if line.strip()}
+    assert "q.weight=RS0" in rows["blocks.0.attn"] and "weight=RS1" in rows["blocks.0.fc2"]
     assert "compute ms" in text and "fallback ops" in text
     assert plan.fallback_ops == []
 
