@@ -23,6 +23,7 @@ since every member's costs are summed into the shared decision.
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -41,46 +42,65 @@ def val_key(v: object) -> object:
     return type(v).__name__
 
 
-def block_of(node: fx.Node) -> tuple[str, int] | None:
-    """(prefix, index) of the innermost numbered module on the node's path, if any."""
+def module_path(node: fx.Node) -> list[str]:
+    """The node's module path (``["model", "layers", "3", "mlp"]``); a parameter's FQN."""
     if node.op == "get_attr":
-        path = str(node.target)
-    elif node.op == "call_function":
-        stack = node.meta.get("nn_module_stack") or {}
-        if not stack:
-            return None
-        path = list(stack.values())[-1][0]
-        if not isinstance(path, str):
-            return None
-        path = path.replace("L['self'].", "").replace("L__self__.", "")
-    else:
-        return None
-    parts = path.split(".")
-    for i in range(len(parts) - 1, -1, -1):
-        if parts[i].isdigit():
-            return ".".join(parts[:i]), int(parts[i])
-    return None
+        return str(node.target).split(".")
+    if node.op != "call_function":
+        return []
+    stack = node.meta.get("nn_module_stack") or {}
+    path = list(stack.values())[-1][0] if stack else ""
+    if not isinstance(path, str) or not path:
+        return []
+    return path.replace("L['self'].", "").replace("L__self__.", "").split(".")
 
 
-def block_templates(gm: fx.GraphModule) -> tuple[dict[str, str], dict[tuple[str, int], list[int]]]:
-    """Map every node of a repeated block to the same-position node of the first identical
-    block. Also returns, per first block ``(prefix, i)``, the indices of the blocks that
-    repeat it."""
-    blocks: dict[tuple[str, int], list[fx.Node]] = defaultdict(list)
-    for node in gm.graph.nodes:
-        b = block_of(node)
-        if b is not None:
-            blocks[b].append(node)
-    template: dict[str, str] = {}
-    repeats: dict[tuple[str, int], list[int]] = defaultdict(list)
+@dataclass
+class Repeats:
+    #: node name -> the same-position node of the first identical block
+    template: dict[str, str]
+    #: node name -> its block ``(prefix, index)``, for nodes of blocks that repeat or are repeated
+    block: dict[str, tuple[str, int]]
+    #: first block ``(prefix, index)`` -> indices of the blocks that repeat it
+    repeats: dict[tuple[str, int], list[int]]
+
+
+def find_repeats(gm: fx.GraphModule) -> Repeats:
+    """Identical numbered blocks, outermost level first: a stack of identical layers is tied
+    as whole layers; inside a block that nothing repeats (ResNet's stages differ), the next
+    numbered level is searched (its bottleneck layers repeat)."""
+    found = Repeats({}, {}, {})
+    nodes = [(n, module_path(n)) for n in gm.graph.nodes]
+    _match([(n, p) for n, p in nodes if p], 0, found)
+    return found
+
+
+def _match(nodes: list[tuple[fx.Node, list[str]]], start: int, found: Repeats) -> None:
+    blocks: dict[tuple[str, int], list[tuple[fx.Node, list[str]]]] = defaultdict(list)
+    depth: dict[tuple[str, int], int] = {}
+    for n, path in nodes:
+        i = next((i for i in range(start, len(path)) if path[i].isdigit()), None)
+        if i is not None:
+            key = (".".join(path[:i]), int(path[i]))
+            blocks[key].append((n, path))
+            depth[key] = i + 1
     firsts: dict[tuple, int] = {}  # (prefix, block signature) -> first block with it
+    repeated: set[tuple[str, int]] = set()
     for prefix, i in sorted(blocks):
-        first = firsts.setdefault((prefix, _signature(blocks[(prefix, i)])), i)
+        members = [n for n, _ in blocks[(prefix, i)]]
+        first = firsts.setdefault((prefix, _signature(members)), i)
         if first != i:
-            repeats[(prefix, first)].append(i)
-            for a, b in zip(blocks[(prefix, i)], blocks[(prefix, first)]):
-                template[a.name] = b.name
-    return template, dict(repeats)
+            repeated |= {(prefix, first), (prefix, i)}
+            found.repeats.setdefault((prefix, first), []).append(i)
+            for a, b in zip(members, (n for n, _ in blocks[(prefix, first)])):
+                found.template[a.name] = b.name
+    for key, members in blocks.items():
+        if key in found.repeats or key[1] in (
+            j for k, js in found.repeats.items() if k[0] == key[0] for j in js
+        ):
+            found.block.update((n.name, key) for n, _ in members)
+        else:  # a block like no other: look for repeats inside it
+            _match(members, depth[key], found)
 
 
 def _local_name(fqn: str) -> str:
@@ -114,16 +134,16 @@ def share_decisions(g: StrategyGraph, gm: fx.GraphModule) -> None:
     """Tie each root of a repeated block to the same-position root of the first identical
     block. Blocks with a single decision (one linear layer of a Sequential) stay free: tying
     them would forbid alternating layouts such as Megatron's column-then-row pairs."""
-    template, repeats = block_templates(gm)
-    roots_per_block = Counter(block_of(g.nodes[r].node) for r in g.roots)
+    found = find_repeats(gm)
+    roots_per_block = Counter(found.block.get(r) for r in g.roots)
     for r in g.roots:
-        t = template.get(r)
-        if t is None or t not in g.root_cost_s or roots_per_block[block_of(g.nodes[t].node)] < 2:
+        t = found.template.get(r)
+        if t is None or t not in g.root_cost_s or roots_per_block[found.block[t]] < 2:
             continue
         if g.nodes[r].strategies is g.nodes[t].strategies or g.nodes[r].strategies == g.nodes[t].strategies:
             g.shared[r] = t
-    tied = {block_of(g.nodes[t].node) for t in g.shared.values()}
-    for (prefix, first), others in repeats.items():
+    tied = {found.block[t] for t in g.shared.values()}
+    for (prefix, first), others in found.repeats.items():
         if (prefix, first) in tied:
             g.shared_blocks.append(f"{prefix}.{{{_ranges(others)}}} share the decisions of {prefix}.{first}")
 

@@ -13,7 +13,7 @@ from autopar.cost.hardware import get_hardware
 from autopar.models import GPT, GPTConfig, zoo
 from autopar.solver.graph import build
 from autopar.solver.ilp import evaluate, solve
-from autopar.solver.repeats import block_of
+from autopar.solver.repeats import find_repeats
 from autopar.tracer import trace
 
 
@@ -37,14 +37,15 @@ def test_shared_decisions_flat_in_depth_and_optimal(family, mesh):
     shallow, deep = _traced(family, 2), _traced(family, 4)
     g2 = build(shallow.gm, mesh, hw, shallow.trainable)
     g4 = build(deep.gm, mesh, hw, deep.trainable)
+    block_of = find_repeats(deep.gm).block
     s2, s4 = solve(g2), solve(g4)
     assert s4.n_variables == s2.n_variables
     assert len({g4.decision(r) for r in g4.roots}) == len({g2.decision(r) for r in g2.roots})
     # every shared root lies in a later block and takes a root of block 0 with the same choices
     prefix = "blocks" if family == "gpt" else "model.layers"
-    assert {block_of(g4.nodes[r].node) for r in g4.shared} == {(prefix, i) for i in range(1, 4)}
+    assert {block_of[r] for r in g4.shared} == {(prefix, i) for i in range(1, 4)}
     for r, t in g4.shared.items():
-        assert block_of(g4.nodes[t].node) == (prefix, 0)
+        assert block_of[t] == (prefix, 0)
         assert g4.nodes[r].strategies == g4.nodes[t].strategies
         assert s4.choice[r] == s4.choice[t]
     assert g4.shared_blocks == [f"{prefix}.{{1-3}} share the decisions of {prefix}.0"]
@@ -89,7 +90,8 @@ class _Stack(nn.Module):
 def test_only_identical_multi_decision_blocks_share():
     t = trace(_Stack(16, [32, 64, 32, 64, 48]), (torch.randn(8, 16),))
     g = build(t.gm, (2, 2), get_hardware("cpu"), t.trainable)
-    tied = {(block_of(g.nodes[r].node), block_of(g.nodes[s].node)) for r, s in g.shared.items()}
+    block_of = find_repeats(t.gm).block
+    tied = {(block_of[r], block_of[s]) for r, s in g.shared.items()}
     # blocks 2 and 3 repeat blocks 0 and 1; block 4 (hidden 48) is unlike any; the Sequential's
     # single linear layers (one decision each) stay free to alternate layouts
     assert tied == {(("blocks", 2), ("blocks", 0)), (("blocks", 3), ("blocks", 1))}
