@@ -6,15 +6,18 @@ import torch.fx as fx
 from torch.distributed.device_mesh import DeviceMesh
 
 from autopar.passes.layouts import insert_layouts
+from autopar.passes.recompute import wrap_recomputed
 from autopar.passes.shard_params import shard_parameters
 from autopar.solver.plan import Plan
 
 
 def apply_plan(gm: fx.GraphModule, plan: Plan, mesh: DeviceMesh) -> fx.GraphModule:
-    """Shard parameters and insert every planned layout change; returns the emitted module."""
+    """Shard parameters, insert every planned layout change, and checkpoint the recomputed
+    blocks; returns the emitted module."""
     plan.check_matches(gm, tuple(mesh.shape))
     gm = shard_parameters(gm, plan, mesh)
     gm = insert_layouts(gm, plan, mesh)
+    gm = wrap_recomputed(gm, plan)
     gm.plan = plan
     return gm
 

@@ -28,6 +28,8 @@ from autopar.solver.rules.base import is_tensor_node
 from autopar.solver.specs import no_partial, parse, short
 
 MESH_ATTR = "autopar_mesh"
+#: ``node.meta`` key marking the nodes this pass adds (``passes.recompute`` reads it)
+INSERTED = "autopar_inserted"
 
 
 def insert_layouts(gm: fx.GraphModule, plan: Plan, mesh: DeviceMesh) -> fx.GraphModule:
@@ -44,7 +46,7 @@ def insert_layouts(gm: fx.GraphModule, plan: Plan, mesh: DeviceMesh) -> fx.Graph
         with graph.inserting_after(node):
             new = graph.call_function(fn, (node, *args))
         node.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
-        new.meta = dict(node.meta)
+        new.meta = dict(node.meta, **{INSERTED: True})
         return new
 
     def as_layout(a: fx.Node, need: str, before: fx.Node) -> fx.Node:
@@ -54,7 +56,7 @@ def insert_layouts(gm: fx.GraphModule, plan: Plan, mesh: DeviceMesh) -> fx.Graph
         if key not in resharded:
             with graph.inserting_before(before):
                 resharded[key] = graph.call_function(reshard, (a, need))
-            resharded[key].meta = dict(a.meta)
+            resharded[key].meta = dict(a.meta, **{INSERTED: True})
             layout[resharded[key]] = need
         return resharded[key]
 

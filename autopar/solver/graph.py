@@ -35,6 +35,7 @@ from torch.distributed.tensor import Partial, Replicate, Shard
 from autopar.cost.comm import redistribute_time_s
 from autopar.cost.compute import BACKWARD_OVER_FORWARD, optimizer_step_s, roofline_s
 from autopar.cost.hardware import Hardware, Link
+from autopar.cost.memory import ADAMW_STATES_PER_PARAM
 from autopar.errors import ShardingError
 from autopar.solver import rules
 from autopar.solver.repeats import share_decisions, val_key
@@ -50,7 +51,9 @@ class NodeChoices:
     kind: str  # input | param | buffer | op | getitem
     strategies: list[Strategy]
     cost_s: list[float]  # own compute / optimizer time per strategy
-    memory_bytes: list[int]  # own per-device bytes per strategy
+    memory_bytes: list[
+        int
+    ]  # resident per-device bytes per strategy (weights, AdamW moments, buffers, inputs)
     requires_grad: bool
     fallback: bool = False
     root: str = ""
@@ -204,7 +207,7 @@ def build(
     g = StrategyGraph(mesh_shape, hw, nodes, {}, {}, [])
     _merge(g, memo)
     if share_blocks:
-        share_decisions(g, gm)
+        share_decisions(g, gm.graph)
     return g
 
 
@@ -293,13 +296,13 @@ def _reprice(nc: NodeChoices, mesh_shape, hw: Hardware) -> None:
         if nc.kind == "param":
             n = local_numel(v.shape, s.out, mesh_shape)
             nc.cost_s.append(optimizer_step_s(n, v.element_size(), hw))
-            nc.memory_bytes.append(4 * out_bytes)  # weight, gradient, two AdamW moments
+            nc.memory_bytes.append((1 + ADAMW_STATES_PER_PARAM) * out_bytes)  # weight, AdamW moments
         elif nc.kind != "op":
             nc.cost_s.append(0.0)
             nc.memory_bytes.append(out_bytes if nc.kind != "getitem" else 0)
         else:
             nc.cost_s.append(_compute_s(nc, s, out_bytes, mesh_shape, hw))
-            nc.memory_bytes.append(out_bytes)
+            nc.memory_bytes.append(0)  # activations: solver.memory
 
 
 def _compute_s(nc: NodeChoices, s: Strategy, out_bytes: int, mesh_shape, hw: Hardware) -> float:

@@ -24,16 +24,35 @@ Named constraints::
     one_strategy[d]:    sum_j x[d, j] = 1
     edge_src[e, a]:     sum_b z[e, a, b] = sum_{j : out(j) = a} x[d(u), j]
     edge_dst[e, b]:     sum_a z[e, a, b] = sum_{k : in(k) = b} x[d(v), k]
-    memory_budget:      sum_d sum_j mem_d(j) x[d, j] <= budget        (when a budget is given)
+
+With a memory budget (or ``objective="memory"``, which minimizes ``peak`` instead), the
+liveness model of ``solver.memory`` enters: segments ``k`` of the forward pass in execution
+order, each with saved-activation bytes ``A_k``, gradient bytes ``G_k``, block-input bytes
+``I_k`` and forward time ``F_k`` (all linear in ``x``); ``rc[c]`` binary per class ``c`` of
+identical repeated blocks (recompute every block of the class in backward); ``U(.)`` an upper
+bound of an expression over all strategies; continuous ``kept_k``, ``B_k``, ``H_k``,
+``peak``, ``t_c >= 0``::
+
+    kept_saved[k]:      kept_k >= A_k - U(A_k) rc[c(k)]       (a block's segment; else kept_k = A_k)
+    kept_inputs[k]:     kept_k >= I_k
+    kept_before[k]:     B_k = B_{k-1} + kept_{k-1},  B_0 = 0   (what earlier segments keep)
+    grads_from[k]:      H_k = H_{k+1} + G_k                    (gradients alive at k's backward)
+    transient[n]:       T >= T_n            (gradients while op n's backward runs; a layout change's buffer)
+    liveness[k]:        peak >= resident + H_k + B_k + A_k + T (backward of segment k)
+    optimizer_step:     peak >= resident + H_0
+    recompute_time[c]:  t_c >= sum_{k in c} F_k - U(.) (1 - rc[c])
+    memory_budget:      peak <= budget
+
+and the objective adds ``sum_c t_c``. ``resident`` sums the decisions' resident bytes
+(weights, AdamW moments, buffers, inputs). At integer points ``kept_k`` and ``t_c`` are pushed
+to their bounds only when that matters, so every constraint holds for the true values.
 
 ``edge_src``/``edge_dst`` make ``z[e]`` a transport plan between two one-hot marginals, so
 ``z[e, a, b] = X_a Y_b`` exactly at integer points; the formulation is tight, so the LP
 relaxation is usually integral. An edge whose producer (or consumer) side has a single group
-needs no ``z``: its cost is linear in the other side's ``x``. The memory term ``mem_d`` sums,
-like ``cost_d``, the per-device parameter, gradient and optimizer-state bytes plus every saved
-activation of the decision's roots (the peak of a training step without recomputation).
-Shared decisions make the ILP's size independent of the model's depth; the objective stays
-exact, since each member's costs are summed into its decision.
+needs no ``z``: its cost is linear in the other side's ``x``. Shared decisions make the ILP's
+size independent of the model's depth; the objective stays exact, since each member's costs
+are summed into its decision.
 """
 
 from __future__ import annotations
@@ -44,12 +63,13 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pulp
 
 from autopar.errors import InfeasibleBudgetError
 from autopar.solver.graph import EdgeUse, StrategyGraph, edge_key, grad_spec
+from autopar.solver.memory import MemoryModel, build_memory_model, copy_bytes, value
 
 
 @dataclass
@@ -61,6 +81,12 @@ class Solution:
     solve_s: float
     solver: str
     n_variables: int = 0
+    #: repeated-block classes (prefix, first index) whose blocks are recomputed in backward
+    recomputed: set = field(default_factory=set)
+    #: peak bytes per device and its parts (``MemoryModel.evaluate``)
+    memory: dict = field(default_factory=dict)
+    #: the graph nodes that run again in backward -> their block instance
+    recomputed_nodes: dict = field(default_factory=dict)
 
 
 def _edge_groups(g: StrategyGraph, e: EdgeUse):
@@ -76,30 +102,30 @@ def _edge_groups(g: StrategyGraph, e: EdgeUse):
     return a_of, b_of, a_keys, b_keys, cost
 
 
+def edge_identity(g: StrategyGraph, e: EdgeUse) -> tuple:
+    """Edges with equal identities connect the same two decisions with the same group maps and
+    prices (repeated blocks): the ILP prices them with one set of variables."""
+    src, dst = g.nodes[e.src], g.nodes[e.dst]
+    key = (g.decision(src.root), g.decision(dst.root), id(src.strategies), id(src.pick))
+    return key + (id(dst.strategies), id(dst.pick), e.arg, edge_key(src, dst))
+
+
 def distinct_edges(g: StrategyGraph) -> list[tuple[EdgeUse, int]]:
-    """The ILP's edges with their multiplicities: edges between the same two decisions whose
-    group maps and prices are the same objects (repeated blocks) are one edge."""
+    """The ILP's edges with their multiplicities."""
     count: dict[tuple, list] = {}
     for e in g.edges:
-        src, dst = g.nodes[e.src], g.nodes[e.dst]
-        key = (g.decision(src.root), g.decision(dst.root), id(src.strategies), id(src.pick))
-        key += (id(dst.strategies), id(dst.pick), e.arg, edge_key(src, dst))
-        count.setdefault(key, [e, 0])[1] += 1
+        count.setdefault(edge_identity(g, e), [e, 0])[1] += 1
     return [(e, n) for e, n in count.values()]
 
 
-def _decision_vectors(g: StrategyGraph) -> tuple[dict[str, list[float]], dict[str, list[int]]]:
-    """cost_d and mem_d: the sums over each decision's roots."""
+def _decision_costs(g: StrategyGraph) -> dict[str, list[float]]:
+    """cost_d: the sum over each decision's roots."""
     cost: dict[str, list[float]] = {}
-    mem: dict[str, list[int]] = {}
     for r in g.roots:
-        d = g.decision(r)
-        if d not in cost:
-            cost[d], mem[d] = [0.0] * len(g.root_cost_s[r]), [0] * len(g.root_cost_s[r])
-        for j, (c, m) in enumerate(zip(g.root_cost_s[r], g.root_memory_bytes[r])):
-            cost[d][j] += c
-            mem[d][j] += m
-    return cost, mem
+        acc = cost.setdefault(g.decision(r), [0.0] * len(g.root_cost_s[r]))
+        for j, c in enumerate(g.root_cost_s[r]):
+            acc[j] += c
+    return cost
 
 
 def evaluate(g: StrategyGraph, choice: dict[str, int]) -> float:
@@ -110,10 +136,6 @@ def evaluate(g: StrategyGraph, choice: dict[str, int]) -> float:
     return total
 
 
-def memory_bytes(g: StrategyGraph, choice: dict[str, int]) -> int:
-    return sum(g.root_memory_bytes[r][choice[r]] for r in g.roots)
-
-
 def solve(
     g: StrategyGraph,
     *,
@@ -122,73 +144,108 @@ def solve(
     solver: str = "highs",
     objective: str = "time",
 ) -> Solution:
-    """Solve the ILP; with a time limit, return the best plan found and its gap."""
+    """Solve the ILP; with a time limit, return the best plan found and its gap. The memory
+    constraints (and recomputation choices) enter only with a budget or ``objective="memory"``."""
     t0 = time.perf_counter()
     prob = pulp.LpProblem("autopar", pulp.LpMinimize)
-    cost, mem = _decision_vectors(g)
+    cost = _decision_costs(g)
     x = {
         d: [pulp.LpVariable(f"x_{i}_{j}", cat="Binary") for j in range(len(cost[d]))]
         for i, d in enumerate(cost)
     }
-    mem_expr = pulp.lpSum(m * v for d in x for m, v in zip(mem[d], x[d]))
-    if objective == "memory":
-        terms = [mem_expr]
-    else:
-        terms = [pulp.lpSum(c * v for d in x for c, v in zip(cost[d], x[d]))]
     for i, d in enumerate(x):
         prob += pulp.lpSum(x[d]) == 1, f"one_strategy_{i}"
+    mm = build_memory_model(g)
+    edges = _Transport(g, x, prob)
+    rc: dict = {}
+    terms = []
+    if memory_budget_bytes is not None or objective == "memory":
+        peak, rc, recompute_s = mm.constrain(prob, x, edges.copy_bytes, lambda e: edge_identity(g, e))
+        terms = [peak] if objective == "memory" else recompute_s
+        if memory_budget_bytes is not None:
+            prob += peak <= memory_budget_bytes / mm.unit_bytes, "memory_budget"
     if objective == "time":
-        for ei, (e, weight) in enumerate(distinct_edges(g)):
-            terms.append(_edge_terms(g, e, ei, weight, x, prob))
+        terms.append(pulp.lpSum(c * v for d in x for c, v in zip(cost[d], x[d])))
+        for e, weight in distinct_edges(g):
+            terms.append(edges.time_s(e, weight))
     prob += pulp.lpSum(terms)
-    if memory_budget_bytes is not None:
-        prob += mem_expr <= memory_budget_bytes, "memory_budget"
     n_vars = len(prob.variables())
     status, gap, name = _run(prob, solver, time_limit_s)
     if status == "infeasible" and memory_budget_bytes is not None:
-        floor = solve(g, objective="memory", solver=solver, time_limit_s=time_limit_s)
-        need = memory_bytes(g, floor.choice)
+        need = solve(g, objective="memory", solver=solver, time_limit_s=time_limit_s).memory["peak_bytes"]
         raise InfeasibleBudgetError(
             f"no plan fits memory_budget={memory_budget_bytes} bytes per device on mesh "
-            f"{g.mesh_shape}; the smallest plan needs {need} bytes ({need / 2**30:.2f} GiB). "
-            "Raise the budget or use more devices.",
-            need,
+            f"{g.mesh_shape}; the smallest plan needs {need:.0f} bytes ({need / 2**30:.2f} GiB), "
+            "recomputing every repeated block. Raise the budget or use more devices.",
+            int(math.ceil(need)),
         )
     chosen = {d: max(range(len(x[d])), key=lambda j: x[d][j].value() or 0.0) for d in x}
     choice = {r: chosen[g.decision(r)] for r in g.roots}
-    return Solution(choice, evaluate(g, choice), status, gap, time.perf_counter() - t0, name, n_vars)
+    recomputed = {c for c, v in rc.items() if (v.value() or 0.0) > 0.5}
+    objective_s = evaluate(g, choice) + recompute_time_s(mm, choice, recomputed)
+    sol = Solution(choice, objective_s, status, gap, time.perf_counter() - t0, name, n_vars)
+    sol.recomputed, sol.memory = recomputed, mm.evaluate(choice, recomputed)
+    sol.recomputed_nodes = {n: s.name for s in mm.segments if s.block_class in recomputed for n in s.nodes}
+    return sol
 
 
-def _edge_terms(g: StrategyGraph, e: EdgeUse, ei: int, weight: int, x, prob: pulp.LpProblem):
-    src, dst = g.nodes[e.src], g.nodes[e.dst]
-    a_of, b_of, a_keys, b_keys, cost = _edge_groups(g, e)
-    xs, xd = x[g.decision(src.root)], x[g.decision(dst.root)]
-    if len(a_keys) == 1:
-        return pulp.lpSum(weight * cost[(a_keys[0], b)] * v for b, v in zip(b_of, xd))
-    if len(b_keys) == 1:
-        return pulp.lpSum(weight * cost[(a, b_keys[0])] * v for a, v in zip(a_of, xs))
-    z = {
-        (ai, bi): pulp.LpVariable(f"z_{ei}_{ai}_{bi}", lowBound=0)
-        for ai in range(len(a_keys))
-        for bi in range(len(b_keys))
-    }
-    src_x, dst_x = _grouped(a_of, a_keys, xs), _grouped(b_of, b_keys, xd)
-    for ai in range(len(a_keys)):
-        prob += (
-            pulp.lpSum(z[ai, bi] for bi in range(len(b_keys))) == pulp.lpSum(src_x[ai]),
-            f"edge_src_{ei}_{ai}",
-        )
-    for bi in range(len(b_keys)):
-        prob += (
-            pulp.lpSum(z[ai, bi] for ai in range(len(a_keys))) == pulp.lpSum(dst_x[bi]),
-            f"edge_dst_{ei}_{bi}",
-        )
-    return pulp.lpSum(
-        weight * cost[(a, b)] * z[ai, bi]
-        for ai, a in enumerate(a_keys)
-        for bi, b in enumerate(b_keys)
-        if cost[(a, b)] > 0
-    )
+def recompute_time_s(mm: MemoryModel, choice: dict[str, int], recomputed: set) -> float:
+    """Forward time of the recomputed blocks, spent again in backward."""
+    return sum(value(s.forward_s, choice) for s in mm.segments if s.block_class in recomputed)
+
+
+class _Transport:
+    """Per distinct edge: its layout pairs ``(a, b)`` and, for each, the ILP expression that is 1
+    when the edge carries ``a -> b``: a transport variable ``z[e, a, b]`` when both sides have
+    several groups (``edge_src``/``edge_dst``), else the other side's ``x`` of that group. Shared
+    by the time objective and the memory constraints."""
+
+    def __init__(self, g: StrategyGraph, x: dict[str, list], prob: pulp.LpProblem) -> None:
+        self.g, self.x, self.prob = g, x, prob
+        self.cache: dict[tuple, tuple[list, dict]] = {}
+
+    def pairs(self, e: EdgeUse) -> tuple[list, dict]:
+        key = edge_identity(self.g, e)
+        if key not in self.cache:
+            self.cache[key] = self._build(e, len(self.cache))
+        return self.cache[key]
+
+    def _build(self, e: EdgeUse, ei: int) -> tuple[list, dict]:
+        g = self.g
+        src, dst = g.nodes[e.src], g.nodes[e.dst]
+        a_of, b_of, a_keys, b_keys, cost = _edge_groups(g, e)
+        xs, xd = self.x[g.decision(src.root)], self.x[g.decision(dst.root)]
+        src_x, dst_x = _grouped(a_of, a_keys, xs), _grouped(b_of, b_keys, xd)
+        if len(a_keys) == 1:
+            return [(a_keys[0], b, pulp.lpSum(v)) for b, v in zip(b_keys, dst_x)], cost
+        if len(b_keys) == 1:
+            return [(a, b_keys[0], pulp.lpSum(v)) for a, v in zip(a_keys, src_x)], cost
+        z = {
+            (ai, bi): pulp.LpVariable(f"z_{ei}_{ai}_{bi}", lowBound=0)
+            for ai in range(len(a_keys))
+            for bi in range(len(b_keys))
+        }
+        for ai in range(len(a_keys)):
+            self.prob += (
+                pulp.lpSum(z[ai, bi] for bi in range(len(b_keys))) == pulp.lpSum(src_x[ai]),
+                f"edge_src_{ei}_{ai}",
+            )
+        for bi in range(len(b_keys)):
+            self.prob += (
+                pulp.lpSum(z[ai, bi] for ai in range(len(a_keys))) == pulp.lpSum(dst_x[bi]),
+                f"edge_dst_{ei}_{bi}",
+            )
+        return [(a, b, z[ai, bi]) for ai, a in enumerate(a_keys) for bi, b in enumerate(b_keys)], cost
+
+    def time_s(self, e: EdgeUse, weight: int):
+        pairs, cost = self.pairs(e)
+        return pulp.lpSum(weight * cost[(a, b)] * v for a, b, v in pairs if cost[(a, b)] > 0)
+
+    def copy_bytes(self, e: EdgeUse, scale: float):
+        """Bytes of the resharded copy ``e``'s consumer keeps for backward (times ``scale``)."""
+        pairs, _ = self.pairs(e)
+        src = self.g.nodes[e.src]
+        return pulp.lpSum(scale * copy_bytes(self.g, src, a, b[0]) * v for a, b, v in pairs if a != b[0])
 
 
 def _grouped(group_of: list, keys: list, x: list) -> list[list]:

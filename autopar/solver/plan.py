@@ -20,7 +20,7 @@ import torch.fx as fx
 
 from autopar.errors import PlanFormatError, StalePlanError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 @dataclass
@@ -32,7 +32,7 @@ class NodePlan:
     target: str  # parameter / buffer FQN, or the op
     spec: str  # output layout, short form (see solver.specs)
     input_specs: list[str]
-    recompute: bool
+    recompute: str  # the block instance it is recomputed with in backward ("" if kept)
     compute_s: float
     comm_s: float
     memory_bytes: int
@@ -50,6 +50,11 @@ class Plan:
     estimated_step_s: float
     peak_memory_bytes: int
     fallback_ops: list[str]
+    #: peak bytes per device and its parts: resident (weights, AdamW moments, buffers,
+    #: inputs), gradients and saved activations at the peak, and where the peak is
+    memory: dict = field(default_factory=dict)
+    #: repeated-block classes recomputed in backward, by their first block ("model.layers.0")
+    recompute: list[str] = field(default_factory=list)
     solver: dict = field(default_factory=dict)
     timings_s: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION

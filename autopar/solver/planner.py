@@ -44,7 +44,7 @@ def plan_traced(
             stacklevel=2,
         )
     names = list(mesh_dim_names or _default_names(len(mesh_shape)))
-    nodes = node_plans(g, sol.choice)
+    nodes = node_plans(g, sol.choice, sol.recomputed_nodes)
     sig = graph_signature(traced.gm)
     return Plan(
         fingerprint=fingerprint(sig),
@@ -55,7 +55,9 @@ def plan_traced(
         strategy=strategy,
         nodes=nodes,
         estimated_step_s=sol.objective_s,
-        peak_memory_bytes=ilp.memory_bytes(g, sol.choice),
+        peak_memory_bytes=int(sol.memory["peak_bytes"]),
+        memory={k: v if isinstance(v, str) else int(v) for k, v in sol.memory.items()},
+        recompute=sorted(f"{prefix}.{first}" for prefix, first in sol.recomputed),
         fallback_ops=fallback,
         solver={
             "status": sol.status,
@@ -76,7 +78,7 @@ def _default_names(n: int) -> list[str]:
     return ["dp", "tp"] if n == 2 else [f"d{i}" for i in range(n)]
 
 
-def node_plans(g: StrategyGraph, choice: dict[str, int]) -> list[NodePlan]:
+def node_plans(g: StrategyGraph, choice: dict[str, int], recomputed: dict[str, str]) -> list[NodePlan]:
     """Each node's chosen layout and its share of the estimated step."""
     out = []
     outputs = output_names(g)
@@ -98,7 +100,7 @@ def node_plans(g: StrategyGraph, choice: dict[str, int]) -> list[NodePlan]:
                 target=str(nc.node.target),
                 spec=short(s.out),
                 input_specs=[short(x) for x in s.ins] if nc.kind != "getitem" else [],
-                recompute=False,
+                recompute=recomputed.get(name, ""),
                 compute_s=nc.cost_s[i],
                 comm_s=comm,
                 memory_bytes=nc.memory_bytes[i],

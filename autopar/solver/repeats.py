@@ -65,12 +65,12 @@ class Repeats:
     repeats: dict[tuple[str, int], list[int]]
 
 
-def find_repeats(gm: fx.GraphModule) -> Repeats:
+def find_repeats(graph: fx.Graph) -> Repeats:
     """Identical numbered blocks, outermost level first: a stack of identical layers is tied
     as whole layers; inside a block that nothing repeats (ResNet's stages differ), the next
     numbered level is searched (its bottleneck layers repeat)."""
     found = Repeats({}, {}, {})
-    nodes = [(n, module_path(n)) for n in gm.graph.nodes]
+    nodes = [(n, module_path(n)) for n in graph.nodes]
     _match([(n, p) for n, p in nodes if p], 0, found)
     return found
 
@@ -130,11 +130,11 @@ def _signature(nodes: list[fx.Node]) -> tuple:
     )
 
 
-def share_decisions(g: StrategyGraph, gm: fx.GraphModule) -> None:
+def share_decisions(g: StrategyGraph, graph: fx.Graph) -> None:
     """Tie each root of a repeated block to the same-position root of the first identical
     block. Blocks with a single decision (one linear layer of a Sequential) stay free: tying
     them would forbid alternating layouts such as Megatron's column-then-row pairs."""
-    found = find_repeats(gm)
+    found = find_repeats(graph)
     roots_per_block = Counter(found.block.get(r) for r in g.roots)
     for r in g.roots:
         t = found.template.get(r)

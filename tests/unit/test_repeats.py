@@ -37,7 +37,7 @@ def test_shared_decisions_flat_in_depth_and_optimal(family, mesh):
     shallow, deep = _traced(family, 2), _traced(family, 4)
     g2 = build(shallow.gm, mesh, hw, shallow.trainable)
     g4 = build(deep.gm, mesh, hw, deep.trainable)
-    block_of = find_repeats(deep.gm).block
+    block_of = find_repeats(deep.gm.graph).block
     s2, s4 = solve(g2), solve(g4)
     assert s4.n_variables == s2.n_variables
     assert len({g4.decision(r) for r in g4.roots}) == len({g2.decision(r) for r in g2.roots})
@@ -90,7 +90,7 @@ class _Stack(nn.Module):
 def test_only_identical_multi_decision_blocks_share():
     t = trace(_Stack(16, [32, 64, 32, 64, 48]), (torch.randn(8, 16),))
     g = build(t.gm, (2, 2), get_hardware("cpu"), t.trainable)
-    block_of = find_repeats(t.gm).block
+    block_of = find_repeats(t.gm.graph).block
     tied = {(block_of[r], block_of[s]) for r, s in g.shared.items()}
     # blocks 2 and 3 repeat blocks 0 and 1; block 4 (hidden 48) is unlike any; the Sequential's
     # single linear layers (one decision each) stay free to alternate layouts
