@@ -113,8 +113,9 @@ class MemoryModel:
     ) -> tuple[object, dict, list]:
         """Add the liveness constraints (named as in ``solver.ilp``'s docstring) to ``prob``.
         ``edge_copies(e, scale)`` is the ILP's expression for the bytes of the copy a layout
-        change on edge ``e`` makes; ``identity(e)`` names the edges that share variables. Returns the peak variable (in ``self.unit_bytes``), the recompute binaries per
-        block class, and the recompute time terms for the objective."""
+        change on edge ``e`` makes; ``identity(e)`` names the edges that share variables.
+        Returns the peak variable (in ``self.unit_bytes``), the recompute binaries per block
+        class, and the recompute time terms for the objective."""
         u = self.unit_bytes
 
         def lin(e: Expr, scale: float = 1.0 / u):
