@@ -37,8 +37,9 @@ bound of an expression over all strategies; continuous ``kept_k``, ``B_k``, ``H_
     kept_inputs[k]:     kept_k >= I_k
     kept_before[k]:     B_k = B_{k-1} + kept_{k-1},  B_0 = 0   (what earlier segments keep)
     grads_from[k]:      H_k = H_{k+1} + G_k                    (gradients alive at k's backward)
-    transient[n]:       T >= T_n            (gradients while op n's backward runs; a layout change's buffer)
-    liveness[k]:        peak >= resident + H_k + B_k + A_k + T (backward of segment k)
+    transient[k, n]:    T_k >= T_n   (n in segment k: gradients while op n's backward runs,
+                                      or the buffer a layout change into segment k allocates)
+    liveness[k]:        peak >= resident + H_k + B_k + A_k + T_k   (backward of segment k)
     optimizer_step:     peak >= resident + H_0
     recompute_time[c]:  t_c >= sum_{k in c} F_k - U(.) (1 - rc[c])
     memory_budget:      peak <= budget

@@ -43,10 +43,14 @@ from autopar.cost.memory import saved_for_backward
 from autopar.solver.graph import EdgeUse, NodeChoices, StrategyGraph, node_inputs
 from autopar.solver.repeats import Repeats, find_repeats
 from autopar.solver.rules.base import tensor_args
+from autopar.solver.rules.elementwise import INPLACE
 from autopar.solver.specs import Spec, local_numel
 
 Expr = dict[str, list[float]]  # decision -> coefficient per strategy
 LEAVES = ("input", "param", "buffer")
+#: a layout change holds two buffers of its result's size at its peak: the collective's flat
+#: output and the result laid out (gloo's all-gather, then a concatenation), measured on CPU
+COPY_BUFFERS = 2
 
 
 @dataclass
@@ -62,6 +66,11 @@ class Segment:
     grads: Expr = field(default_factory=dict)  # G_k
     inputs: Expr = field(default_factory=dict)  # I_k (recomputable segments)
     forward_s: Expr = field(default_factory=dict)  # F_k: forward compute, re-run when recomputed
+    #: per distinct op of the segment: transient bytes while its backward runs, and per layout
+    #: change inside a decision the buffer it allocates (the largest one counts: ``T_k``)
+    transients: dict[tuple, Expr] = field(default_factory=dict)
+    #: edges between decisions into the segment: a layout change allocates while it runs
+    copy_edges: list[EdgeUse] = field(default_factory=list)
 
 
 @dataclass
@@ -71,11 +80,6 @@ class MemoryModel:
     segments: list[Segment]
     #: block class -> indices of its segments
     classes: dict[tuple[str, int], list[int]]
-    #: per distinct op: transient bytes while its backward runs, and per layout change inside
-    #: a decision the buffer it allocates (the largest one counts)
-    transients: list[Expr]
-    #: edges between decisions: a layout change there allocates its result while it runs
-    copy_edges: list[EdgeUse]
 
     def saved_bytes(self, s: Segment, choice: dict[str, int]) -> float:
         """``A_k`` at a choice: the segment's kept activations and kept resharded copies."""
@@ -96,12 +100,12 @@ class MemoryModel:
         ]
         resident = value(self.resident, choice)
         grads = [value(s.grads, choice) for s in self.segments]
-        temp = max((value(t, choice) for t in self.transients), default=0.0)
-        temp = max([temp] + [self._copy(e, choice) for e in self.copy_edges])
         best = {"peak_bytes": resident + sum(grads), "resident_bytes": resident, "gradient_bytes": sum(grads)}
         best |= {"activation_bytes": 0, "transient_bytes": 0, "at": "optimizer step"}
         for k, s in enumerate(self.segments):
             act = sum(kept[:k]) + saved[k]
+            temp = max([value(t, choice) for t in s.transients.values()] + [0.0])
+            temp = max([temp] + [COPY_BUFFERS * self._copy(e, choice) for e in s.copy_edges])
             peak = resident + sum(grads[k:]) + act + temp
             if peak > best["peak_bytes"]:
                 best = {"peak_bytes": peak, "resident_bytes": resident, "gradient_bytes": sum(grads[k:])}
@@ -147,11 +151,17 @@ class MemoryModel:
             f = pulp.LpVariable(f"recompute_s_{i}", lowBound=0)
             prob += f >= lin(total, 1.0) - upper(total) * (1 - rc[c]), f"recompute_time_{i}"
             time_terms.append(f)
-        temp = pulp.LpVariable("transient", lowBound=0)
-        for i, t in enumerate(self.transients):
-            prob += temp >= lin(t), f"transient_{i}"
-        for i, e in enumerate({identity(e): e for e in self.copy_edges}.values()):
-            prob += temp >= edge_copies(e, 1.0 / u), f"transient_copy_{i}"
+        temps: dict[tuple, object] = {}  # segments with the same transients share T_k
+        for k, s in enumerate(self.segments):
+            copies = {identity(e): e for e in s.copy_edges}
+            key = (tuple(sorted(s.transients)), tuple(sorted(copies, key=repr)))
+            if key in temps:
+                continue
+            temps[key] = t_k = pulp.LpVariable(f"transient_{k}", lowBound=0)
+            for i, t in enumerate(s.transients.values()):
+                prob += t_k >= lin(t), f"transient_{k}_{i}"
+            for i, e in enumerate(copies.values()):
+                prob += t_k >= edge_copies(e, COPY_BUFFERS / u), f"transient_copy_{k}_{i}"
         n = len(self.segments)
         before = [pulp.LpVariable(f"kept_before_{k}", lowBound=0) for k in range(n)]
         after = [pulp.LpVariable(f"grads_from_{k}", lowBound=0) for k in range(n)]
@@ -164,7 +174,9 @@ class MemoryModel:
         peak = pulp.LpVariable("peak", lowBound=0)
         resident = lin(self.resident)
         for k, s in enumerate(self.segments):
-            prob += peak >= resident + after[k] + before[k] + saved(s) + temp, f"liveness_{k}"
+            copies = {identity(e): e for e in s.copy_edges}
+            t_k = temps[(tuple(sorted(s.transients)), tuple(sorted(copies, key=repr)))]
+            prob += peak >= resident + after[k] + before[k] + saved(s) + t_k, f"liveness_{k}"
         prob += peak >= resident + after[0], "optimizer_step"
         return peak, rc, time_terms
 
@@ -198,10 +210,13 @@ def build_memory_model(g: StrategyGraph) -> MemoryModel:
     blocks, classes_of = found.block, _block_classes(found)
     segments: list[Segment] = []
     where: dict[str, int] = {}
+    writes = {found.block.get(n.name) for n in g.nodes.values() if n.node.target in INPLACE}
     for name, nc in g.nodes.items():
         if nc.kind in LEAVES:
             continue
         block = blocks.get(name)
+        if block is not None and classes_of.get(block) in {classes_of.get(w) for w in writes if w}:
+            block = None  # a block that writes a buffer (batch norm statistics) must run once
         label = f"{block[0]}.{block[1]}" if block else "between blocks"
         if not segments or segments[-1].name != label:
             segments.append(Segment(label, block_class=classes_of.get(block) if block else None))
@@ -212,30 +227,28 @@ def build_memory_model(g: StrategyGraph) -> MemoryModel:
     storage = _storages(g)
     saved = _saved_storages(g, storage)
     ilp_edges = {(e.src, e.dst, e.arg) for e in g.edges}
-    transients: dict[tuple, Expr] = {}
-    copy_edges: list[EdgeUse] = []
     for seg in segments:
         for name in seg.nodes:
             nc = g.nodes[name]
             _add(g, seg.saved, nc, _saved_bytes(g, nc, name in saved))
             for k, a in enumerate(node_inputs(nc) if nc.kind == "op" else []):
                 if (a.name, name, k) in ilp_edges:
-                    copy_edges.append(EdgeUse(a.name, name, k))
-                elif a.name in g.nodes:  # the buffer a layout change allocates while it runs
+                    seg.copy_edges.append(EdgeUse(a.name, name, k))
+                elif a.name in g.nodes:  # the buffers a layout change allocates while it runs
                     src, t = g.nodes[a.name], {}
                     vec = [
-                        copy_bytes(g, src, src.strategies[i].out, nc.strategies[j].ins[k])
+                        COPY_BUFFERS * copy_bytes(g, src, src.strategies[i].out, nc.strategies[j].ins[k])
                         for i, j in zip(src.pick, nc.pick)
                     ]
                     _add_root(g, t, nc.root, vec)
                     if t:
-                        transients.setdefault(_expr_key(t), t)
+                        seg.transients.setdefault(_expr_key(t), t)
             if not nc.requires_grad or nc.kind != "op":
                 continue
             _add(g, seg.forward_s, nc, [c / (1 + BACKWARD_OVER_FORWARD) for c in nc.cost_s])
             t: Expr = {}
             _add(g, t, nc, _backward_bytes(g, nc))
-            transients.setdefault(_expr_key(t), t)
+            seg.transients.setdefault(_expr_key(t), t)
             args = tensor_args(nc.node)
             for k in _kept(g, nc).inputs:
                 if args[k].name not in g.nodes:
@@ -270,7 +283,7 @@ def build_memory_model(g: StrategyGraph) -> MemoryModel:
         if seg.block_class is not None:
             classes[seg.block_class].append(k)
     resident = merged({g.decision(r): list(map(float, v))} for r, v in g.root_memory_bytes.items())
-    return MemoryModel(g, resident, segments, dict(classes), list(transients.values()), copy_edges)
+    return MemoryModel(g, resident, segments, dict(classes))
 
 
 def _expr_key(e: Expr) -> tuple:
