@@ -119,6 +119,18 @@ class Plan:
         )
 
     # ---- report
+    def _memory_lines(self) -> list[str]:
+        m = self.memory
+        if not m:
+            return []
+        return [
+            f"peak memory at {m['at']}: resident {_mib(m['resident_bytes'])} (weights, AdamW moments, "
+            f"buffers, inputs), gradients {_mib(m['gradient_bytes'])}, saved activations "
+            f"{_mib(m['activation_bytes'])}, transients {_mib(m['transient_bytes'])}",
+            "recompute in backward: "
+            + (", ".join(f"every block like {b}" for b in self.recompute) if self.recompute else "nothing"),
+        ]
+
     def report(self) -> str:
         """A per-layer table: layouts, compute and communication seconds, memory."""
         rows = defaultdict(lambda: {"params": [], "compute_s": 0.0, "comm_s": 0.0, "mem": 0, "out": ""})
@@ -140,6 +152,7 @@ class Plan:
             f"estimated step {self.estimated_step_s * 1e3:.3f} ms, peak memory "
             f"{self.peak_memory_bytes / 2**20:.1f} MiB per device, solver {self.solver.get('status', '?')} "
             f"(gap {self.solver.get('gap', 0.0):.2%}) in {self.solver.get('solve_s', 0.0):.2f} s",
+            *self._memory_lines(),
             *(f"repeated blocks: {line}" for line in self.solver.get("shared_blocks", [])),
             "",
             f"{'layer':<22} {'out':<7} {'compute ms':>10} {'comm ms':>9} {'MiB':>8}  parameters",
@@ -154,6 +167,10 @@ class Plan:
             "fallback ops (replicated, no sharding rule): " + (", ".join(self.fallback_ops) or "none")
         )
         return "\n".join(lines)
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB"
 
 
 def _layer_of(module: str) -> str:
