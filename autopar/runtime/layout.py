@@ -74,6 +74,9 @@ def reshard(x: DTensor, spec: str) -> DTensor:
     redistribute does the rest."""
     target = parse(spec)
     mesh = x.device_mesh
+    as_sum = tuple(Partial() if p == Partial("avg") and q != p else p for p, q in zip(x.placements, target))
+    if as_sum != tuple(x.placements):  # DTensor redistributes no partial average: make it a sum
+        x = _ToPartial.apply(x, as_sum)
     step = tuple(
         p if not p.is_partial() else (q if q.is_partial() else Replicate())
         for p, q in zip(target, x.placements)
@@ -105,7 +108,14 @@ class _ToPartial(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: DTensor):  # type: ignore[override]
-        return grad.redistribute(grad.device_mesh, ctx.placements), None
+        # the same global value, so the same gradient, laid out as the input was; a partial
+        # input whose gradient is not of its own partial kind gets it replicated (DTensor
+        # redistributes to no partial placement)
+        want = tuple(
+            p if not p.is_partial() or g == p else Replicate()
+            for p, g in zip(ctx.placements, grad.placements)
+        )
+        return grad.redistribute(grad.device_mesh, want), None
 
 
 def as_replicated(x: torch.Tensor, ctx: MeshContext) -> DTensor:

@@ -46,9 +46,26 @@ def _unwrapper(out: Spec, dtensors: list[DTensor]) -> Unwrap:
     def local(a: Any) -> Any:
         if not isinstance(a, DTensor):
             return a
-        return a.to_local(grad_placements=grad_spec(strategy, position[id(a)]))
+        return _GradLikeInput.apply(a.to_local(grad_placements=grad_spec(strategy, position[id(a)])))
 
     return local
+
+
+class _GradLikeInput(torch.autograd.Function):
+    """Identity; the gradient gets the input's strides. A local kernel may return its input
+    gradients in another layout (CPU attention does), but the DTensor ``to_local`` makes of
+    them carries the input's strides, and a later view by those strides would fail."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.stride = x.stride()
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        if grad.stride() == ctx.stride or 0 in ctx.stride:  # an expanded input keeps its gradient
+            return grad
+        return torch.empty_strided(grad.shape, ctx.stride, dtype=grad.dtype, device=grad.device).copy_(grad)
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -122,6 +139,9 @@ def local_call(op, spec: str, *args: Any, **kwargs: Any) -> Any:
     def wrap(t: Any) -> Any:
         if not isinstance(t, torch.Tensor):
             return t
+        # a kernel may lay out its local result differently from the traced one (CPU attention
+        # returns heads-inner strides); DTensor views gradients by the global strides
+        t = t.contiguous()
         if n_avg > 1 and t.requires_grad:
             t = _ScaleGrad.apply(t, 1.0 / n_avg)
         return DTensor.from_local(t, mesh, placements, run_check=False)

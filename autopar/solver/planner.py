@@ -34,7 +34,10 @@ def plan_traced(
     t0 = time.perf_counter()
     g = build(traced.gm, mesh_shape, hw, traced.trainable, pin_for(strategy))
     timings["strategies_s"] = time.perf_counter() - t0
-    sol = ilp.solve(g, memory_budget_bytes=parse_bytes(memory_budget), time_limit_s=time_limit_s)
+    if memory_budget == "min":  # the plan with the smallest peak, whatever its step time
+        sol = ilp.solve(g, objective="memory", time_limit_s=time_limit_s)
+    else:
+        sol = ilp.solve(g, memory_budget_bytes=parse_bytes(memory_budget), time_limit_s=time_limit_s)
     timings["solve_s"] = sol.solve_s
     fallback = sorted({str(nc.node.target) for nc in g.nodes.values() if nc.fallback})
     if fallback:

@@ -21,6 +21,8 @@ from autopar.errors import TraceError
 from autopar.tracer.lowerings import LOWERED_FROM, LOWERINGS, exact_mean_losses
 from autopar.tracer.moe import static_experts
 
+aten = torch.ops.aten
+
 
 @dataclass
 class Traced:
@@ -93,12 +95,13 @@ def _drop_checks(gm: fx.GraphModule) -> None:
 
 
 def _views_as_reshapes(gm: fx.GraphModule) -> None:
-    """``view`` needs the traced strides, and a kernel run on local shards (attention on CPU,
-    a lookup) may lay out its result differently; ``reshape`` is the same op without that
+    """``view`` (and ``_unsafe_view``) needs the traced strides, and a kernel run on local
+    shards (attention on CPU, a lookup, a clone of a sharded expand) may lay out its result
+    differently; ``reshape`` is the same op without that
     demand. Safe because the graph writes through no view (in-place ops were functionalized)."""
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target is torch.ops.aten.view.default:
-            node.target = torch.ops.aten.reshape.default
+        if node.op == "call_function" and node.target in (aten.view.default, aten._unsafe_view.default):
+            node.target = aten.reshape.default
     gm.recompile()
 
 
