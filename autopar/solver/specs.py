@@ -10,6 +10,7 @@ The short name writes one token per mesh dimension: ``S<d>`` (shard tensor dim d
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Sequence
@@ -82,4 +83,9 @@ def local_shape(shape: Sequence[int], spec: Spec, mesh_shape: Sequence[int]) -> 
 
 
 def local_numel(shape: Sequence[int], spec: Spec, mesh_shape: Sequence[int]) -> int:
+    return _local_numel(tuple(shape), spec, tuple(mesh_shape))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _local_numel(shape: tuple[int, ...], spec: Spec, mesh_shape: tuple[int, ...]) -> int:
     return math.prod(local_shape(shape, spec, mesh_shape))
