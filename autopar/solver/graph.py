@@ -110,7 +110,7 @@ class StrategyGraph:
 
 
 @functools.lru_cache(maxsize=1 << 16)
-def _split_axes(s: Strategy) -> frozenset[int]:
+def split_axes(s: Strategy) -> frozenset[int]:
     """Mesh axes along which the op's work is divided (some tensor is not replicated)."""
     axes = set()
     for spec in (s.out,) + s.ins:
@@ -122,7 +122,7 @@ def _split_axes(s: Strategy) -> frozenset[int]:
 def grad_spec(s: Strategy, arg: int) -> Spec:
     """Placement of the gradient an op sends back to input ``arg``: partial where the input
     was replicated but the op's work was divided along that axis."""
-    split = _split_axes(s)
+    split = split_axes(s)
     return tuple(
         Partial()
         if isinstance(p, Replicate) and i in split

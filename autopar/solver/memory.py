@@ -31,6 +31,7 @@ decision to its per-strategy coefficient vector.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -40,7 +41,7 @@ import torch.fx as fx
 
 from autopar.cost.compute import BACKWARD_OVER_FORWARD
 from autopar.cost.memory import saved_for_backward
-from autopar.solver.graph import EdgeUse, NodeChoices, StrategyGraph, node_inputs
+from autopar.solver.graph import EdgeUse, NodeChoices, StrategyGraph, node_inputs, split_axes
 from autopar.solver.repeats import Repeats, find_repeats
 from autopar.solver.rules.base import tensor_args
 from autopar.solver.rules.elementwise import INPLACE
@@ -317,7 +318,7 @@ def _backward_bytes(g: StrategyGraph, nc: NodeChoices) -> list[float]:
             * args[k].meta["val"].element_size()
             for k in grads
         )
-        res.append(b + ins + extra / _work_split(s, g.mesh_shape))
+        res.append(b + ins + extra / math.prod(g.mesh_shape[i] for i in split_axes(s)))
     return res
 
 
@@ -357,19 +358,11 @@ def _saved_bytes(g: StrategyGraph, nc: NodeChoices, output_saved: bool) -> list[
     extra = _kept(g, nc).extra_bytes
     if not extra:
         return out
-    return [b + extra / _work_split(s, g.mesh_shape) for b, s in zip(out, nc.strategies)]
+    return [b + extra / math.prod(g.mesh_shape[i] for i in split_axes(s)) for b, s in zip(out, nc.strategies)]
 
 
 def _requires_grad(g: StrategyGraph, a: fx.Node) -> bool:
     return a.name in g.nodes and g.nodes[a.name].requires_grad
-
-
-def _work_split(s, mesh_shape) -> int:
-    axes = {i for spec in (s.out,) + s.ins for i, p in enumerate(spec) if not p.is_replicate()}
-    n = 1
-    for i in axes:
-        n *= mesh_shape[i]
-    return n
 
 
 def _storages(g: StrategyGraph) -> dict[str, int]:
