@@ -47,6 +47,11 @@ def collective_time_s(kind: str, nbytes: float, n: int, link: Link) -> float:
     return link.alpha_s + frac * nbytes / link.bytes_per_s
 
 
+def copy_time_s(nbytes: float, link: Link) -> float:
+    """One copy over a point-to-point link (device <-> host)."""
+    return link.alpha_s + nbytes / link.bytes_per_s
+
+
 def plan_redistribute(
     src: Spec,
     dst: Spec,

@@ -18,3 +18,8 @@ def roofline_s(flops: float, nbytes: float, dtype: torch.dtype, hw: Hardware) ->
 
 def optimizer_step_s(local_numel: int, itemsize: int, hw: Hardware) -> float:
     return local_numel * itemsize * ADAMW_ACCESSES_PER_ELEMENT / hw.hbm_bytes_per_s
+
+
+def host_optimizer_step_s(local_numel: int, itemsize: int, hw: Hardware) -> float:
+    """An AdamW step on the host CPU, for offloaded states (memory-bound there too)."""
+    return local_numel * itemsize * ADAMW_ACCESSES_PER_ELEMENT / hw.host_bytes_per_s

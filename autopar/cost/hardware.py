@@ -3,6 +3,11 @@
 Vendor figures for dense math; links priced per mesh axis with latency ``alpha_s`` and
 bandwidth ``link_bytes_per_s`` (alpha-beta model). A mesh axis whose devices all sit in one
 node (by ``gpus_per_node``) uses the intra-node link, otherwise the inter-node one.
+
+Offloaded optimizer states (``solver.zero``) are priced by ``host_link`` (the device's PCIe
+link to its host, one direction, pinned memory) and ``host_bytes_per_s``: the host memory
+bandwidth one device's share of the CPU gets for its optimizer step (a server socket's
+DRAM bandwidth divided among the GPUs it feeds).
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ class Hardware:
     memory_bytes: int
     intra_node: Link
     inter_node: Link
+    host_link: Link | None = Link(10e-6, 25e9)  # None: no separate host memory to offload to
+    host_bytes_per_s: float = 25e9
     gpus_per_node: int = 8
     notes: str = field(default="", compare=False)
 
@@ -56,7 +63,7 @@ HARDWARE: dict[str, Hardware] = {
         80 * _GIB,
         Link(5e-6, 300e9),
         Link(10e-6, 25e9),
-        notes="A100-SXM 80GB, NVLink 3, 200 Gb/s InfiniBand per GPU",
+        notes="A100-SXM 80GB, NVLink 3, 200 Gb/s InfiniBand per GPU, PCIe 4 to the host",
     ),
     "h100": Hardware(
         "h100",
@@ -65,7 +72,8 @@ HARDWARE: dict[str, Hardware] = {
         80 * _GIB,
         Link(5e-6, 450e9),
         Link(10e-6, 50e9),
-        notes="H100-SXM 80GB, NVLink 4, 400 Gb/s InfiniBand per GPU",
+        host_link=Link(10e-6, 50e9),
+        notes="H100-SXM 80GB, NVLink 4, 400 Gb/s InfiniBand per GPU, PCIe 5 to the host",
     ),
     "h200": Hardware(
         "h200",
@@ -74,7 +82,18 @@ HARDWARE: dict[str, Hardware] = {
         141 * _GIB,
         Link(5e-6, 450e9),
         Link(10e-6, 50e9),
-        notes="H200-SXM 141GB, NVLink 4, 400 Gb/s InfiniBand per GPU",
+        host_link=Link(10e-6, 50e9),
+        notes="H200-SXM 141GB, NVLink 4, 400 Gb/s InfiniBand per GPU, PCIe 5 to the host",
+    ),
+    "a10": Hardware(
+        "a10",
+        {"fp32": 31.2e12, "tf32": 62.5e12, "bf16": 125e12, "fp16": 125e12},
+        600e9,
+        24 * _GIB,
+        Link(10e-6, 25e9),
+        Link(20e-6, 12.5e9),
+        gpus_per_node=4,
+        notes="A10 24GB (one workstation/cloud GPU), PCIe 4 between GPUs and to the host",
     ),
     "cpu": Hardware(
         "cpu",
@@ -83,6 +102,7 @@ HARDWARE: dict[str, Hardware] = {
         16 * _GIB,
         Link(50e-6, 2e9),
         Link(50e-6, 2e9),
+        host_link=None,
         gpus_per_node=64,
         notes="a CPU process per rank, gloo over loopback",
     ),

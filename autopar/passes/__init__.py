@@ -8,16 +8,20 @@ from torch.distributed.device_mesh import DeviceMesh
 from autopar.passes.layouts import insert_layouts
 from autopar.passes.recompute import wrap_recomputed
 from autopar.passes.shard_params import shard_parameters
+from autopar.runtime import zero
 from autopar.solver.plan import Plan
 
 
 def apply_plan(gm: fx.GraphModule, plan: Plan, mesh: DeviceMesh) -> fx.GraphModule:
     """Shard parameters, insert every planned layout change, and checkpoint the recomputed
-    blocks; returns the emitted module."""
+    blocks; returns the emitted module (whose forward gathers ``zero3`` parameters again in
+    backward, ``runtime.zero``)."""
     plan.check_matches(gm, tuple(mesh.shape))
     gm = shard_parameters(gm, plan, mesh)
     gm = insert_layouts(gm, plan, mesh)
     gm = wrap_recomputed(gm, plan)
+    if "zero3" in plan.param_modes().values():
+        zero.install(gm)
     gm.plan = plan
     return gm
 

@@ -1,7 +1,9 @@
 """Insert the planned layout changes into the graph.
 
 For every node, in order: inputs are cut to this rank's shard (``distribute_input``);
-parameters pass through ``sync_grad`` (their gradient ends in their own layout); each
+parameters pass through ``sync_grad`` (their gradient ends in their own layout), offloaded
+ones through ``to_device`` first, and a ``zero3`` one is gathered by ``gather_for_use``
+(``runtime.zero``); each
 tensor argument whose current layout differs from what the consumer's planned strategy
 needs goes through ``reshard``; ops planned to run on local shards (attention, fallback ops)
 are called through ``local_call``; creation ops are wrapped as replicated DTensors; outputs
@@ -22,6 +24,7 @@ from autopar.runtime.layout import (
     to_output,
 )
 from autopar.runtime.local_ops import local_call
+from autopar.runtime.zero import gather_for_use, to_device
 from autopar.solver import rules
 from autopar.solver.plan import Plan
 from autopar.solver.rules.base import is_tensor_node
@@ -41,6 +44,7 @@ def insert_layouts(gm: fx.GraphModule, plan: Plan, mesh: DeviceMesh) -> fx.Graph
         ctx = graph.get_attr(MESH_ATTR)
     layout: dict[fx.Node, str] = {}  # runtime layout of each tensor-valued node
     resharded: dict[tuple[fx.Node, str], fx.Node] = {}
+    refetched: set[fx.Node] = set()  # zero3 parameters
 
     def replace_after(node: fx.Node, fn, *args) -> fx.Node:
         with graph.inserting_after(node):
@@ -55,7 +59,8 @@ def insert_layouts(gm: fx.GraphModule, plan: Plan, mesh: DeviceMesh) -> fx.Graph
         key = (a, need)
         if key not in resharded:
             with graph.inserting_before(before):
-                resharded[key] = graph.call_function(reshard, (a, need))
+                fn = gather_for_use if a in refetched else reshard
+                resharded[key] = graph.call_function(fn, (a, need))
             resharded[key].meta = dict(a.meta, **{INSERTED: True})
             layout[resharded[key]] = need
         return resharded[key]
@@ -70,8 +75,14 @@ def insert_layouts(gm: fx.GraphModule, plan: Plan, mesh: DeviceMesh) -> fx.Graph
         if node.op == "placeholder":
             shape = list(node.meta["val"].shape)
             layout[replace_after(node, distribute_input, ctx, np_.spec, node.name, shape)] = np_.spec
+        elif node.op == "get_attr" and np_.kind == "param":
+            src = replace_after(node, to_device) if np_.mode == "offload" else node
+            param = replace_after(src, sync_grad)
+            layout[param] = np_.spec
+            if np_.mode == "zero3":
+                refetched.add(param)
         elif node.op == "get_attr":
-            layout[replace_after(node, sync_grad) if np_.kind == "param" else node] = np_.spec
+            layout[node] = np_.spec
         elif np_.kind == "getitem":
             layout[node] = np_.spec
         else:

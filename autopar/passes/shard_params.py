@@ -1,7 +1,8 @@
 """Replace every parameter and buffer with a DTensor in its planned layout.
 
 Each rank keeps only its own shard (a copy of its slice); every alias of a tied weight
-gets the same new Parameter, so names (FQNs) and tying are kept.
+gets the same new Parameter, so names (FQNs) and tying are kept. An offloaded parameter's
+shard is kept in host memory (``runtime.zero``).
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from autopar.runtime.layout import to_dtensor
+from autopar.runtime.zero import host_copy
 from autopar.solver.plan import Plan
 from autopar.solver.specs import parse, replicated
 
 
 def shard_parameters(gm: fx.GraphModule, plan: Plan, mesh: DeviceMesh) -> fx.GraphModule:
-    specs = plan.param_specs()
+    specs, modes = plan.param_specs(), plan.param_modes()
     aliases: dict[int, list[tuple[str, bool]]] = {}
     for name, p in gm.named_parameters(remove_duplicate=False):
         aliases.setdefault(id(p), []).append((name, True))
@@ -30,6 +32,8 @@ def shard_parameters(gm: fx.GraphModule, plan: Plan, mesh: DeviceMesh) -> fx.Gra
         spec = parse(spec_name) if spec_name else replicated(mesh.ndim)
         with torch.no_grad():  # a copy: training the result leaves the user's model untouched
             dt = to_dtensor(tensor.detach(), spec, mesh)
+            if any(modes.get(n) == "offload" for n, _ in names):
+                dt = host_copy(dt)
         new = nn.Parameter(dt, requires_grad=tensor.requires_grad) if is_param else dt
         for name, _ in names:
             owner, _, attr = name.rpartition(".")

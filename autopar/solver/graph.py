@@ -58,6 +58,8 @@ class NodeChoices:
     fallback: bool = False
     root: str = ""
     pick: list[int] = field(default_factory=list)  # root strategy index -> own index
+    #: a folded parameter's mode per root strategy index (``solver.zero``); empty: all ""
+    modes: list[str] = field(default_factory=list)
 
     @property
     def name(self) -> str:

@@ -257,12 +257,7 @@ def build_memory_model(g: StrategyGraph) -> MemoryModel:
                 if (args[k].name, name, k) in ilp_edges:
                     seg.reshard_edges.append(EdgeUse(args[k].name, name, k))
                 else:  # a layout change inside one decision (a gathered parameter, a follower)
-                    src = g.nodes[args[k].name]
-                    vec = [
-                        copy_bytes(g, src, src.strategies[i].out, nc.strategies[j].ins[k])
-                        for i, j in zip(src.pick, nc.pick)
-                    ]
-                    _add_root(g, seg.saved, nc.root, vec)
+                    _add_inner_copy(g, seg, g.nodes[args[k].name], nc, k)
                 _add_view_copy(g, seg.saved, _view_chain(g, args[k].name, storage))
         if seg.block_class is not None:
             members = set(seg.nodes)
@@ -278,7 +273,9 @@ def build_memory_model(g: StrategyGraph) -> MemoryModel:
         if nc.kind == "param":
             readers = [where[u.name] for u in nc.node.users if u.name in where]
             k = max(readers, default=len(segments) - 1)
-            _add(g, segments[k].grads, nc, _out_bytes(g, nc))
+            own = _out_bytes(g, nc)  # an offloaded parameter's gradient goes to the host
+            vec = [0.0 if nc.modes and nc.modes[r] == "offload" else own[i] for r, i in enumerate(nc.pick)]
+            _add_root(g, segments[k].grads, nc.root, vec)
     classes: dict[tuple[str, int], list[int]] = defaultdict(list)
     for k, seg in enumerate(segments):
         if seg.block_class is not None:
@@ -297,6 +294,25 @@ def copy_bytes(g: StrategyGraph, src: NodeChoices, have: Spec, need: Spec) -> fl
         return 0.0
     v = src.node.meta["val"]
     return float(local_numel(v.shape, need, g.mesh_shape) * v.element_size())
+
+
+def _add_inner_copy(g: StrategyGraph, seg: Segment, src: NodeChoices, nc: NodeChoices, k: int) -> None:
+    """The copy ``nc`` keeps of its input ``src`` (same decision) in the layout it reads: a
+    gathered parameter, an offloaded one's device copy, a follower's relayout. A ``zero3``
+    parameter's gathered copy is not kept: backward gathers it again when ``nc``'s backward
+    runs, a transient there."""
+    kept, refetched = [], []
+    for r, (i, j) in enumerate(zip(src.pick, nc.pick)):
+        have, need = src.strategies[i].out, nc.strategies[j].ins[k]
+        mode = src.modes[r] if src.modes else ""
+        b = copy_bytes(g, src, have, need) if mode != "offload" else copy_bytes(g, src, (), need)
+        kept.append(0.0 if mode == "zero3" else b)
+        refetched.append(b if mode == "zero3" else 0.0)
+    _add_root(g, seg.saved, nc.root, kept)
+    t: Expr = {}
+    _add_root(g, t, nc.root, [COPY_BUFFERS * b for b in refetched])
+    if t:
+        seg.transients.setdefault(_expr_key(t), t)
 
 
 def _kept(g: StrategyGraph, nc: NodeChoices):

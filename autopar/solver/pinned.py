@@ -7,6 +7,10 @@
   On the tensor axis the weight of every linear layer is sharded by rows or columns (the ILP
   pairs them as Megatron's column-then-row layout, which needs one all-reduce per pair),
   a linear bias goes with its weight, other parameters and the inputs are replicated.
+- ``"zero2"``, ``"zero3"``, ``"zero-offload"``: data parallel compute (inputs sharded on their
+  batch dim, every op reads parameters whole), each parameter stored in that mode
+  (``solver.zero``): sharded over every axis and gathered once, sharded and gathered again in
+  backward, or in host memory with the optimizer step on the CPU (DeepSpeed's ZeRO-Offload).
 """
 
 from __future__ import annotations
@@ -18,9 +22,11 @@ from torch.distributed.tensor import Replicate, Shard
 from autopar.errors import AutoparError
 from autopar.solver.graph import NodeChoices, Pin
 from autopar.solver.rules import matmul
-from autopar.solver.rules.base import Strategy
+from autopar.solver.rules.base import Strategy, tensor_args
 
-STRATEGIES = ("auto", "dp", "megatron")
+STRATEGIES = ("auto", "dp", "megatron", "zero2", "zero3", "zero-offload")
+#: the parameter modes a strategy allows (``solver.zero``); ``auto`` allows all of them
+PARAM_MODES = {"zero2": ("zero2",), "zero3": ("zero3",), "zero-offload": ("offload",)}
 
 
 def pin_for(strategy: str) -> Pin | None:
@@ -64,4 +70,15 @@ def _megatron(nc: NodeChoices, axis: int, p) -> bool:
     return isinstance(p, Replicate)
 
 
+def _zero(nc: NodeChoices, strategies: list[Strategy]) -> list[Strategy]:
+    """Data parallel compute, parameters in any stored layout (their mode decides it)."""
+    if nc.kind == "input":
+        return _leaf_pin(_dp)(nc, strategies)
+    if nc.kind != "op":
+        return strategies
+    params = [k for k, a in enumerate(tensor_args(nc.node)) if a.op == "get_attr"]
+    return [s for s in strategies if all(isinstance(p, Replicate) for k in params for p in s.ins[k])]
+
+
 _PINS: dict[str, Pin] = {"dp": _leaf_pin(_dp), "megatron": _leaf_pin(_megatron)}
+_PINS |= dict.fromkeys(PARAM_MODES, _zero)

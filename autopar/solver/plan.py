@@ -20,7 +20,7 @@ import torch.fx as fx
 
 from autopar.errors import PlanFormatError, StalePlanError
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 
 @dataclass
@@ -33,6 +33,8 @@ class NodePlan:
     spec: str  # output layout, short form (see solver.specs)
     input_specs: list[str]
     recompute: str  # the block instance it is recomputed with in backward ("" if kept)
+    #: a parameter's mode (``solver.zero``): "" (as read), zero2, zero3 or offload
+    mode: str
     compute_s: float
     comm_s: float
     memory_bytes: int
@@ -65,6 +67,10 @@ class Plan:
 
     def _by_name(self) -> dict[str, NodePlan]:
         return {n.name: n for n in self.nodes}
+
+    def param_modes(self) -> dict[str, str]:
+        """Parameter FQN -> its mode, for the parameters not simply laid out as read."""
+        return {n.target: n.mode for n in self.nodes if n.kind == "param" and n.mode}
 
     def param_specs(self) -> dict[str, str]:
         """Parameter / buffer FQN -> layout."""
@@ -129,7 +135,20 @@ class Plan:
             f"{_mib(m['activation_bytes'])}, transients {_mib(m['transient_bytes'])}",
             "recompute in backward: "
             + (", ".join(f"every block like {b}" for b in self.recompute) if self.recompute else "nothing"),
+            "parameters: " + self._mode_counts(),
         ]
+
+    def _mode_counts(self) -> str:
+        params = [n for n in self.nodes if n.kind == "param"]
+        modes = self.param_modes()
+        words = {
+            "zero2": "stored sharded, gathered once (ZeRO-2)",
+            "zero3": "stored sharded, gathered again in backward (ZeRO-3)",
+            "offload": "in host memory, AdamW step on the CPU (offload)",
+        }
+        parts = [f"{len(params) - len(modes)} as read"]
+        parts += [f"{n} {words[m]}" for m in words if (n := sum(v == m for v in modes.values()))]
+        return ", ".join(parts)
 
     def report(self) -> str:
         """A per-layer table: layouts, compute and communication seconds, memory."""
@@ -142,7 +161,7 @@ class Plan:
             r["mem"] += n.memory_bytes
             if n.kind == "param":
                 label = n.target[len(layer) + 1 :] if n.target.startswith(layer + ".") else n.target
-                r["params"].append(f"{label}={n.spec}")
+                r["params"].append(f"{label}={n.spec}" + (f"[{n.mode}]" if n.mode else ""))
             elif n.kind == "op":
                 r["out"] = n.spec
         mesh = "x".join(map(str, self.mesh_shape))

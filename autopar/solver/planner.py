@@ -10,11 +10,13 @@ import torch.fx as fx
 
 from autopar.cost.hardware import get_hardware
 from autopar.cost.units import parse_bytes
+from autopar.errors import AutoparError
 from autopar.solver import ilp
 from autopar.solver.graph import StrategyGraph, build, edge_cost_s, node_inputs, output_cost_s, output_names
-from autopar.solver.pinned import pin_for
+from autopar.solver.pinned import PARAM_MODES, pin_for
 from autopar.solver.plan import NodePlan, Plan, fingerprint, graph_signature
 from autopar.solver.specs import short
+from autopar.solver.zero import add_param_modes, param_mode
 from autopar.tracer import Traced
 
 
@@ -30,9 +32,18 @@ def plan_traced(
     timings_s: dict[str, float] | None = None,
 ) -> Plan:
     hw = get_hardware(gpu)
+    if strategy == "zero-offload" and hw.host_link is None:
+        raise AutoparError(
+            f'strategy "zero-offload" needs a device with its own memory beside the host\'s; '
+            f"gpu={hw.name!r} computes in host memory. Plan for a GPU (gpu='h100') or pick another strategy."
+        )
     timings = dict(timings_s or {})
     t0 = time.perf_counter()
     g = build(traced.gm, mesh_shape, hw, traced.trainable, pin_for(strategy))
+    if strategy in PARAM_MODES:
+        add_param_modes(g, PARAM_MODES[strategy])
+    elif memory_budget is not None:  # ZeRO-3 and offload only ever buy memory
+        add_param_modes(g)
     timings["strategies_s"] = time.perf_counter() - t0
     if memory_budget == "min":  # the plan with the smallest peak, whatever its step time
         sol = ilp.solve(g, objective="memory", time_limit_s=time_limit_s)
@@ -104,6 +115,7 @@ def node_plans(g: StrategyGraph, choice: dict[str, int], recomputed: dict[str, s
                 spec=short(s.out),
                 input_specs=[short(x) for x in s.ins] if nc.kind != "getitem" else [],
                 recompute=recomputed.get(name, ""),
+                mode=param_mode(g, nc, choice[nc.root]),
                 compute_s=nc.cost_s[i],
                 comm_s=comm,
                 memory_bytes=nc.memory_bytes[i],

@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from autopar import load_plan, make_plan
 from autopar.models import GPT, GPTConfig
+from autopar.solver.plan import FORMAT_VERSION
 
 
 def _gpt_plan(mesh=(2, 2), strategy="auto"):
@@ -31,7 +32,7 @@ def test_plan_json_round_trip(tmp_path):
     path = tmp_path / "p.json"
     plan.save(path)
     data = json.loads(path.read_text())
-    assert data["format_version"] == 2 and data["mesh_shape"] == [2, 2]
+    assert data["format_version"] == FORMAT_VERSION == 3 and data["mesh_shape"] == [2, 2]
     again = load_plan(path)
     assert again == plan
 
