@@ -17,7 +17,9 @@ Objective (estimated training step time, seconds)::
 
 ``cost_d(j)`` is the sum over the roots ``r`` of the decision of ``cost_r(j)``: compute
 (forward and backward), optimizer step, the merged followers' and leaves' costs and the
-folded edges' resharding (see ``solver.graph``).
+folded edges' resharding (see ``solver.graph``). Under a budget a decision's strategies
+include its parameters' modes (``solver.zero``: ZeRO-2, ZeRO-3, offload), each priced in
+``cost_d`` and in the memory terms below, so they need no variables of their own.
 
 Named constraints::
 

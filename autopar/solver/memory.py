@@ -2,7 +2,7 @@
 
 The step is forward, backward, optimizer step. What is resident throughout: parameters and
 their AdamW moments, buffers and inputs, in their chosen layouts (``StrategyGraph``'s
-``root_memory_bytes``). What comes and goes:
+``root_memory_bytes``; none for an offloaded parameter, ``solver.zero``). What comes and goes:
 
 - *saved activations*: every tensor an op keeps for backward (``cost.memory``: found by
   running the op on the meta device) is allocated in forward and freed when backward has
@@ -10,7 +10,11 @@ their AdamW moments, buffers and inputs, in their chosen layouts (``StrategyGrap
   its base's storage), in the layout of the node that made them; op-private buffers (layer
   norm statistics, log-sum-exp) are divided by the number of devices sharing the op's work.
 - *gradients*: a parameter's gradient is allocated when backward reaches its last reader
-  and lives until the optimizer step (``zero_grad(set_to_none=True)`` frees it).
+  and lives until the optimizer step (``zero_grad(set_to_none=True)`` frees it); an offloaded
+  parameter's goes to the host.
+- *parameter copies*: a parameter gathered (or copied from the host) for an op that keeps it
+  is kept like an activation; a ``zero3`` one is gathered again in backward, a transient of
+  its consumer's backward.
 
 The forward pass is cut into *segments* in execution order: each instance of a repeated
 block (``solver.repeats``: ``model.layers.7``) and each run of nodes between them. Backward
