@@ -30,10 +30,13 @@ def make_plan(
     memory_budget: int | str | None = None,
     strategy: str = "auto",
     time_limit_s: float | None = None,
+    mixed_precision: str | None = None,
 ) -> Plan:
-    """Plan offline: no ranks, no real memory (the model and inputs may be on the meta device)."""
+    """Plan offline: no ranks, no real memory (the model and inputs may be on the meta device).
+    ``mixed_precision="bf16"`` (or ``"fp16"``) computes in that dtype and keeps master weights,
+    gradients and AdamW moments in the model's dtype."""
     t0 = time.perf_counter()
-    traced = trace(model, example_inputs, example_kwargs)
+    traced = trace(model, example_inputs, example_kwargs, param_dtype(mixed_precision))
     return plan_traced(
         traced,
         tuple(mesh_shape),
@@ -42,6 +45,7 @@ def make_plan(
         memory_budget=memory_budget,
         strategy=strategy,
         time_limit_s=time_limit_s,
+        mixed_precision=mixed_precision or "",
         timings_s={"trace_s": time.perf_counter() - t0},
     )
 
@@ -56,15 +60,23 @@ def autoparallelize(
     memory_budget: int | str | None = None,
     strategy: str = "auto",
     plan: Plan | None = None,
+    mixed_precision: str | None = None,
 ) -> nn.Module:
     """Trace, plan (or check ``plan``), and emit the distributed module for this rank.
 
     Every rank calls this with the same model and inputs and traces it; rank 0 plans and sends
     the plan to all (as JSON), so all apply one plan. A planning error on rank 0 is raised on
     every rank. The returned module's parameters are DTensors with the original names; call it
-    with the same global inputs on every rank.
+    with the same global inputs on every rank. With ``mixed_precision`` (or a plan made with
+    it) the parameters stay in the model's dtype and are cast for compute.
     """
-    traced = trace(model, example_inputs, example_kwargs)
+    if plan is not None and mixed_precision is not None and (mixed_precision or "") != plan.mixed_precision:
+        raise errors.AutoparError(
+            f"mixed_precision={mixed_precision!r} but the plan was made with "
+            f"{plan.mixed_precision or None!r}; pass the plan alone or make a new one"
+        )
+    precision = plan.mixed_precision if plan is not None else mixed_precision
+    traced = trace(model, example_inputs, example_kwargs, param_dtype(precision))
     if plan is None:
         plan = _plan_on_rank0(
             lambda: plan_traced(
@@ -74,10 +86,23 @@ def autoparallelize(
                 gpu=gpu or ("cpu" if device_mesh.device_type == "cpu" else "h100"),
                 memory_budget=memory_budget,
                 strategy=strategy,
+                mixed_precision=precision or "",
             ),
             device_mesh,
         )
-    return apply_plan(traced.gm, plan, device_mesh)
+    return apply_plan(traced.gm, plan, device_mesh, weights=model)
+
+
+def param_dtype(mixed_precision: str | None) -> torch.dtype | None:
+    """The compute dtype ``mixed_precision`` names (None: the model's own)."""
+    if not mixed_precision:
+        return None
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    if mixed_precision not in dtypes:
+        raise errors.AutoparError(
+            f"mixed_precision={mixed_precision!r} is not one of {', '.join(dtypes)} (or None)"
+        )
+    return dtypes[mixed_precision]
 
 
 def _plan_on_rank0(make: Callable[[], Plan], mesh: DeviceMesh) -> Plan:

@@ -64,7 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--strategy", default="auto")
-    p.add_argument("--memory-budget", default=None)
+    p.add_argument("--memory-budget", default=None, help='bytes, "60GiB", or "min"')
+    p.add_argument(
+        "--mixed-precision", choices=("bf16", "fp16"), default=None, help="compute dtype; masters stay"
+    )
     p.add_argument("--time-limit", type=float, default=None, help="solver time limit, seconds")
     p.add_argument("-o", "--output", help="write the plan as JSON")
     s = sub.add_parser("show", help="print the report of a saved plan")
@@ -102,6 +105,7 @@ def _run(args: argparse.Namespace) -> int:
         strategy=args.strategy,
         memory_budget=args.memory_budget,
         time_limit_s=args.time_limit,
+        mixed_precision=args.mixed_precision,
     )
     print(plan.report())
     t = plan.timings_s

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch.fx as fx
+import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from autopar.passes.layouts import insert_layouts
@@ -12,12 +13,15 @@ from autopar.runtime import zero
 from autopar.solver.plan import Plan
 
 
-def apply_plan(gm: fx.GraphModule, plan: Plan, mesh: DeviceMesh) -> fx.GraphModule:
+def apply_plan(
+    gm: fx.GraphModule, plan: Plan, mesh: DeviceMesh, weights: nn.Module | None = None
+) -> fx.GraphModule:
     """Shard parameters, insert every planned layout change, and checkpoint the recomputed
     blocks; returns the emitted module (whose forward gathers ``zero3`` parameters again in
-    backward, ``runtime.zero``)."""
+    backward, ``runtime.zero``). Parameters and buffers take their values from ``weights``
+    (the user's model) where it has them, else from ``gm``."""
     plan.check_matches(gm, tuple(mesh.shape))
-    gm = shard_parameters(gm, plan, mesh)
+    gm = shard_parameters(gm, plan, mesh, weights)
     gm = insert_layouts(gm, plan, mesh)
     gm = wrap_recomputed(gm, plan)
     if "zero3" in plan.param_modes().values():

@@ -2,8 +2,9 @@
 
 For every node, in order: inputs are cut to this rank's shard (``distribute_input``);
 parameters pass through ``sync_grad`` (their gradient ends in their own layout), offloaded
-ones through ``to_device`` first, and a ``zero3`` one is gathered by ``gather_for_use``
-(``runtime.zero``); each
+ones through ``to_device`` first, under mixed precision through ``to_dtype`` (the compute
+copy; its gradient comes back in the master dtype), and a ``zero3`` one is gathered by
+``gather_for_use`` (``runtime.zero``); each
 tensor argument whose current layout differs from what the consumer's planned strategy
 needs goes through ``reshard``; ops planned to run on local shards (attention, fallback ops)
 are called through ``local_call``; creation ops are wrapped as replicated DTensors; outputs
@@ -21,6 +22,7 @@ from autopar.runtime.layout import (
     distribute_input,
     reshard,
     sync_grad,
+    to_dtype,
     to_output,
 )
 from autopar.runtime.local_ops import local_call
@@ -29,6 +31,7 @@ from autopar.solver import rules
 from autopar.solver.plan import Plan
 from autopar.solver.rules.base import is_tensor_node
 from autopar.solver.specs import no_partial, parse, short
+from autopar.tracer.export import MASTER_DTYPE
 
 MESH_ATTR = "autopar_mesh"
 #: ``node.meta`` key marking the nodes this pass adds (``passes.recompute`` reads it)
@@ -73,10 +76,13 @@ def insert_layouts(gm: fx.GraphModule, plan: Plan, mesh: DeviceMesh) -> fx.Graph
         if np_ is None:
             continue
         if node.op == "placeholder":
-            shape = list(node.meta["val"].shape)
-            layout[replace_after(node, distribute_input, ctx, np_.spec, node.name, shape)] = np_.spec
+            v = node.meta["val"]
+            args = (ctx, np_.spec, node.name, list(v.shape), v.dtype)
+            layout[replace_after(node, distribute_input, *args)] = np_.spec
         elif node.op == "get_attr" and np_.kind == "param":
             src = replace_after(node, to_device) if np_.mode == "offload" else node
+            if MASTER_DTYPE in node.meta:  # mixed precision: compute on a cast copy
+                src = replace_after(src, to_dtype, node.meta["val"].dtype)
             param = replace_after(src, sync_grad)
             layout[param] = np_.spec
             if np_.mode == "zero3":

@@ -18,8 +18,16 @@ from autopar.solver.plan import Plan
 from autopar.solver.specs import parse, replicated
 
 
-def shard_parameters(gm: fx.GraphModule, plan: Plan, mesh: DeviceMesh) -> fx.GraphModule:
+def shard_parameters(
+    gm: fx.GraphModule, plan: Plan, mesh: DeviceMesh, weights: nn.Module | None = None
+) -> fx.GraphModule:
+    """Under mixed precision ``gm`` holds meta stand-ins in the compute dtype: the values come
+    from ``weights`` (the user's model), by name."""
     specs, modes = plan.param_specs(), plan.param_modes()
+    source: dict[str, torch.Tensor] = {}
+    if plan.mixed_precision and weights is not None:
+        source = dict(weights.named_parameters(remove_duplicate=False))
+        source |= dict(weights.named_buffers(remove_duplicate=False))
     aliases: dict[int, list[tuple[str, bool]]] = {}
     for name, p in gm.named_parameters(remove_duplicate=False):
         aliases.setdefault(id(p), []).append((name, True))
@@ -28,6 +36,7 @@ def shard_parameters(gm: fx.GraphModule, plan: Plan, mesh: DeviceMesh) -> fx.Gra
     for names in aliases.values():
         first, is_param = names[0]
         tensor = gm.get_parameter(first) if is_param else gm.get_buffer(first)
+        tensor = next((source[n] for n, _ in names if n in source), tensor)
         spec_name = next((specs[n] for n, _ in names if n in specs), None)
         spec = parse(spec_name) if spec_name else replicated(mesh.ndim)
         with torch.no_grad():  # a copy: training the result leaves the user's model untouched

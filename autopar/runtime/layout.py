@@ -57,15 +57,26 @@ def to_dtensor(full: torch.Tensor, spec: Spec, mesh: DeviceMesh) -> DTensor:
     )
 
 
-def distribute_input(x: Any, ctx: MeshContext, spec: str, name: str, shape: list[int]) -> Any:
+def distribute_input(
+    x: Any, ctx: MeshContext, spec: str, name: str, shape: list[int], dtype: torch.dtype
+) -> Any:
+    """This rank's shard of a global input; a floating input in the traced dtype (mixed
+    precision casts it)."""
     if not isinstance(x, torch.Tensor):
         return x
+    if x.is_floating_point() and dtype.is_floating_point and x.dtype != dtype:
+        x = x.to(dtype)
     if list(x.shape) != list(shape):
         raise ShardingError(
             f"input {name!r} has shape {list(x.shape)} but the plan was made for {shape}; "
             "every rank passes the global inputs of the traced shape (make a new plan for new shapes)"
         )
     return to_dtensor(x, parse(spec), ctx.mesh)
+
+
+def to_dtype(x: DTensor, dtype: torch.dtype) -> DTensor:
+    """A parameter's compute copy under mixed precision (backward casts the gradient back)."""
+    return x.to(dtype)
 
 
 def reshard(x: DTensor, spec: str) -> DTensor:

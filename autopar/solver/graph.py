@@ -41,6 +41,7 @@ from autopar.solver import rules
 from autopar.solver.repeats import share_decisions, val_key
 from autopar.solver.rules.base import Strategy, tensor_args
 from autopar.solver.specs import Spec, divides, local_numel, no_partial
+from autopar.tracer.export import MASTER_DTYPE
 
 Pin = Callable[["NodeChoices", list[Strategy]], list[Strategy]]
 
@@ -297,14 +298,22 @@ def _reprice(nc: NodeChoices, mesh_shape, hw: Hardware) -> None:
         out_bytes = sum(local_numel(t.shape, s.out, mesh_shape) * t.element_size() for t in outs)
         if nc.kind == "param":
             n = local_numel(v.shape, s.out, mesh_shape)
-            nc.cost_s.append(optimizer_step_s(n, v.element_size(), hw))
-            nc.memory_bytes.append((1 + ADAMW_STATES_PER_PARAM) * out_bytes)  # weight, AdamW moments
+            nc.cost_s.append(optimizer_step_s(n, master_itemsize(nc.node), hw))
+            # master weight and AdamW moments, in the master dtype
+            nc.memory_bytes.append((1 + ADAMW_STATES_PER_PARAM) * n * master_itemsize(nc.node))
         elif nc.kind != "op":
             nc.cost_s.append(0.0)
             nc.memory_bytes.append(out_bytes if nc.kind != "getitem" else 0)
         else:
             nc.cost_s.append(_compute_s(nc, s, out_bytes, mesh_shape, hw))
             nc.memory_bytes.append(0)  # activations: solver.memory
+
+
+def master_itemsize(node: fx.Node) -> int:
+    """Bytes per element of a parameter's master weight, gradient and AdamW moments: its traced
+    dtype, or under mixed precision the dtype it is kept in (``tracer.MASTER_DTYPE``)."""
+    master = node.meta.get(MASTER_DTYPE)
+    return master.itemsize if master is not None else node.meta["val"].element_size()
 
 
 def _compute_s(nc: NodeChoices, s: Strategy, out_bytes: int, mesh_shape, hw: Hardware) -> float:

@@ -45,11 +45,12 @@ import torch.fx as fx
 
 from autopar.cost.compute import BACKWARD_OVER_FORWARD
 from autopar.cost.memory import saved_for_backward
-from autopar.solver.graph import EdgeUse, NodeChoices, StrategyGraph, node_inputs, split_axes
+from autopar.solver.graph import EdgeUse, NodeChoices, StrategyGraph, master_itemsize, node_inputs, split_axes
 from autopar.solver.repeats import Repeats, find_repeats
 from autopar.solver.rules.base import tensor_args
 from autopar.solver.rules.elementwise import INPLACE
 from autopar.solver.specs import Spec, local_numel
+from autopar.tracer.export import MASTER_DTYPE
 
 Expr = dict[str, list[float]]  # decision -> coefficient per strategy
 LEAVES = ("input", "param", "buffer")
@@ -277,7 +278,10 @@ def build_memory_model(g: StrategyGraph) -> MemoryModel:
         if nc.kind == "param":
             readers = [where[u.name] for u in nc.node.users if u.name in where]
             k = max(readers, default=len(segments) - 1)
-            own = _out_bytes(g, nc)  # an offloaded parameter's gradient goes to the host
+            # the gradient of the master weight; an offloaded parameter's goes to the host
+            own = [
+                b * master_itemsize(nc.node) / nc.node.meta["val"].element_size() for b in _out_bytes(g, nc)
+            ]
             vec = [0.0 if nc.modes and nc.modes[r] == "offload" else own[i] for r, i in enumerate(nc.pick)]
             _add_root(g, segments[k].grads, nc.root, vec)
     classes: dict[tuple[str, int], list[int]] = defaultdict(list)
@@ -302,14 +306,16 @@ def copy_bytes(g: StrategyGraph, src: NodeChoices, have: Spec, need: Spec) -> fl
 
 def _add_inner_copy(g: StrategyGraph, seg: Segment, src: NodeChoices, nc: NodeChoices, k: int) -> None:
     """The copy ``nc`` keeps of its input ``src`` (same decision) in the layout it reads: a
-    gathered parameter, an offloaded one's device copy, a follower's relayout. A ``zero3``
+    gathered parameter, an offloaded one's device copy or a low-precision one's cast (a copy
+    even in the same layout), a follower's relayout. A ``zero3``
     parameter's gathered copy is not kept: backward gathers it again when ``nc``'s backward
     runs, a transient there."""
     kept, refetched = [], []
     for r, (i, j) in enumerate(zip(src.pick, nc.pick)):
         have, need = src.strategies[i].out, nc.strategies[j].ins[k]
         mode = src.modes[r] if src.modes else ""
-        b = copy_bytes(g, src, have, need) if mode != "offload" else copy_bytes(g, src, (), need)
+        copied = mode == "offload" or MASTER_DTYPE in src.node.meta
+        b = copy_bytes(g, src, (), need) if copied else copy_bytes(g, src, have, need)
         kept.append(0.0 if mode == "zero3" else b)
         refetched.append(b if mode == "zero3" else 0.0)
     _add_root(g, seg.saved, nc.root, kept)

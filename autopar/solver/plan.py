@@ -48,6 +48,8 @@ class Plan:
     mesh_dim_names: list[str]
     hardware: str
     strategy: str
+    #: "bf16" / "fp16": computes in that dtype, master weights and AdamW in the model's ("": off)
+    mixed_precision: str
     nodes: list[NodePlan]
     estimated_step_s: float
     peak_memory_bytes: int
@@ -167,7 +169,8 @@ class Plan:
         mesh = "x".join(map(str, self.mesh_shape))
         names = ",".join(self.mesh_dim_names)
         lines = [
-            f"autopar plan: mesh {mesh} ({names}) on {self.hardware}, strategy {self.strategy}",
+            f"autopar plan: mesh {mesh} ({names}) on {self.hardware}, strategy {self.strategy}"
+            + (f", {self.mixed_precision} compute with master weights" if self.mixed_precision else ""),
             f"estimated step {self.estimated_step_s * 1e3:.3f} ms, peak memory "
             f"{self.peak_memory_bytes / 2**20:.1f} MiB per device, solver {self.solver.get('status', '?')} "
             f"(gap {self.solver.get('gap', 0.0):.2%}) in {self.solver.get('solve_s', 0.0):.2f} s",

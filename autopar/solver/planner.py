@@ -29,6 +29,7 @@ def plan_traced(
     memory_budget: int | str | None = None,
     strategy: str = "auto",
     time_limit_s: float | None = None,
+    mixed_precision: str = "",
     timings_s: dict[str, float] | None = None,
 ) -> Plan:
     hw = get_hardware(gpu)
@@ -67,6 +68,7 @@ def plan_traced(
         mesh_dim_names=names,
         hardware=hw.name,
         strategy=strategy,
+        mixed_precision=mixed_precision,
         nodes=nodes,
         estimated_step_s=sol.objective_s,
         peak_memory_bytes=int(sol.memory["peak_bytes"]),

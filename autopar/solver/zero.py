@@ -38,7 +38,7 @@ from torch.distributed.tensor import Replicate, Shard
 from autopar.cost.comm import copy_time_s, redistribute_time_s
 from autopar.cost.compute import host_optimizer_step_s
 from autopar.cost.memory import saved_for_backward
-from autopar.solver.graph import EdgeUse, StrategyGraph
+from autopar.solver.graph import EdgeUse, StrategyGraph, master_itemsize
 from autopar.solver.rules.base import tensor_args
 from autopar.solver.specs import Spec, local_numel, no_partial
 
@@ -146,8 +146,9 @@ def _leaf_mode(g, leaf, consumer, k: int, j: int, mode: str) -> tuple[int, str, 
         new_s += redistribute_time_s(leaf.strategies[at].out, need, shape, size, g.mesh_shape, g.links)
     if mode == "offload":
         n = local_numel(v.shape, leaf.strategies[at].out, g.mesh_shape)
-        new_s += 2 * copy_time_s(n * v.element_size(), g.hw.host_link) - leaf.cost_s[at]
-        new_s += host_optimizer_step_s(n, v.element_size(), g.hw)
+        size = master_itemsize(leaf.node)  # weights up and gradients down in the master dtype
+        new_s += 2 * copy_time_s(n * size, g.hw.host_link) - leaf.cost_s[at]
+        new_s += host_optimizer_step_s(n, size, g.hw)
         extra_bytes = -leaf.memory_bytes[have]
     return at, mode, new_s - old_s, extra_bytes
 

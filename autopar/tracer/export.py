@@ -4,10 +4,18 @@
 ``ep.module()``: parameters and buffers are ``get_attr`` nodes named by their fully
 qualified names, inputs are placeholders, and every node's ``meta["val"]`` is a fake
 tensor with the global shape and dtype.
+
+With ``param_dtype`` (mixed precision) the model is traced as it will compute: a copy whose
+parameters are uninitialized tensors of that dtype on the parameters' device (no weight is
+copied; a model on the meta device costs nothing, a materialized one its size in the compute
+dtype while tracing; the device matters: models capture ``.to(x.device)``), floating inputs
+cast to it. Each parameter node's ``meta[MASTER_DTYPE]`` keeps the dtype the weights are kept
+and updated in (the model's own); buffers keep their dtype.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import traceback
 from dataclasses import dataclass
@@ -22,6 +30,8 @@ from autopar.tracer.lowerings import LOWERED_FROM, LOWERINGS, exact_mean_losses
 from autopar.tracer.moe import static_experts
 
 aten = torch.ops.aten
+#: ``node.meta`` key of a parameter node traced in a lower precision: its master weights' dtype
+MASTER_DTYPE = "autopar_master_dtype"
 
 
 @dataclass
@@ -31,10 +41,20 @@ class Traced:
     trainable: dict[str, bool]
 
 
-def trace(model: nn.Module, args: tuple, kwargs: dict[str, Any] | None = None) -> Traced:
-    """Export ``model(*args, **kwargs)``; a failure names the module and the line."""
+def trace(
+    model: nn.Module,
+    args: tuple,
+    kwargs: dict[str, Any] | None = None,
+    param_dtype: torch.dtype | None = None,
+) -> Traced:
+    """Export ``model(*args, **kwargs)``, computing in ``param_dtype`` if given; a failure
+    names the module and the line."""
     kwargs = dict(kwargs or {})
     _untie_aliased_inputs(args, kwargs)
+    masters: dict[str, torch.dtype] = {}
+    if param_dtype is not None:
+        masters = {n: p.dtype for n, p in model.named_parameters(remove_duplicate=False)}
+        model, args, kwargs = _in_precision(model, args, kwargs, param_dtype)
     if hasattr(getattr(model, "config", None), "use_cache"):
         model.config.use_cache = False
     try:
@@ -48,10 +68,28 @@ def trace(model: nn.Module, args: tuple, kwargs: dict[str, Any] | None = None) -
     _drop_checks(gm)
     _views_as_reshapes(gm)
     exact_mean_losses(gm)
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and masters.get(node.target, param_dtype) != param_dtype:
+            node.meta[MASTER_DTYPE] = masters[node.target]
     trainable = {name: p.requires_grad for name, p in gm.named_parameters(remove_duplicate=False)}
     for name, _ in gm.named_buffers(remove_duplicate=False):
         trainable.setdefault(name, False)
     return Traced(gm, trainable)
+
+
+def _in_precision(model: nn.Module, args: tuple, kwargs: dict, dtype: torch.dtype):
+    """A copy of ``model`` with uninitialized parameters in ``dtype`` (``deepcopy`` given the
+    replacements, so no weight is copied), and the inputs with floating tensors cast."""
+    memo: dict[int, object] = {}
+    for p in model.parameters():
+        low = torch.empty_like(p, dtype=dtype if p.is_floating_point() else p.dtype)
+        memo[id(p)] = nn.Parameter(low, requires_grad=p.requires_grad)
+    copy_ = copy.deepcopy(model, memo)
+
+    def cast(x: object) -> object:
+        return x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+
+    return copy_, tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
 
 
 def _mutates(gm: fx.GraphModule) -> bool:

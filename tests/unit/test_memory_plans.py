@@ -137,3 +137,17 @@ def test_probe_finds_what_ops_keep():
     assert by_op["aten.layer_norm.default"].extra_bytes > 0  # per-row mean and reciprocal std
     sdpa = by_op["aten.scaled_dot_product_attention.default"]
     assert sdpa.output and 0 in sdpa.inputs
+
+
+def test_mixed_precision_prices_what_runs(gpt):
+    model, inputs = gpt
+    fp32 = _plan(gpt)
+    bf16 = make_plan(model, (), (4,), example_kwargs=inputs, gpu="h100", mixed_precision="bf16")
+    assert bf16.mixed_precision == "bf16" and "bf16 compute with master weights" in bf16.report()
+    # master weights and AdamW moments stay fp32: 12 bytes a parameter element, as without it
+    n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    assert bf16.memory["resident_bytes"] >= 12 * n_params / 4 * 0.99
+    assert bf16.memory["activation_bytes"] < 0.75 * fp32.memory["activation_bytes"]
+    assert bf16.estimated_step_s < 0.5 * fp32.estimated_step_s  # bf16 math peaks 15x fp32 on H100
+    with pytest.raises(AutoparError, match="fp8"):
+        make_plan(model, (), (4,), example_kwargs=inputs, mixed_precision="fp8")
