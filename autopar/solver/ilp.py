@@ -30,12 +30,13 @@ Named constraints::
 With a memory budget (or ``objective="memory"``, which minimizes ``peak`` instead), the
 liveness model of ``solver.memory`` enters: segments ``k`` of the forward pass in execution
 order, each with saved-activation bytes ``A_k``, gradient bytes ``G_k``, block-input bytes
-``I_k`` and forward time ``F_k`` (all linear in ``x``); ``rc[c]`` binary per class ``c`` of
-identical repeated blocks (recompute every block of the class in backward); ``U(.)`` an upper
-bound of an expression over all strategies; continuous ``kept_k``, ``B_k``, ``H_k``,
-``peak``, ``t_c >= 0``::
+``I_k`` and forward time ``F_k`` (all linear in ``x``); ``rc[k]`` binary per segment ``k``
+that is a repeated block (recompute it in backward); ``U(.)`` an upper bound of an expression
+over all strategies; continuous ``kept_k``, ``B_k``, ``H_k``, ``peak``, ``t_k >= 0``::
 
-    kept_saved[k]:      kept_k >= A_k - U(A_k) rc[c(k)]       (a block's segment; else kept_k = A_k)
+    earliest_first[k]:  rc[k'] >= rc[k]   (k' the block of k's class before k: what an earlier
+                                           block keeps is live longer, and the blocks are alike)
+    kept_saved[k]:      kept_k >= A_k - U(A_k) rc[k]           (a block's segment; else kept_k = A_k)
     kept_inputs[k]:     kept_k >= I_k
     kept_before[k]:     B_k = B_{k-1} + kept_{k-1},  B_0 = 0   (what earlier segments keep)
     grads_from[k]:      H_k = H_{k+1} + G_k                    (gradients alive at k's backward)
@@ -43,10 +44,10 @@ bound of an expression over all strategies; continuous ``kept_k``, ``B_k``, ``H_
                                       or the buffer a layout change into segment k allocates)
     liveness[k]:        peak >= resident + H_k + B_k + A_k + T_k   (backward of segment k)
     optimizer_step:     peak >= resident + H_0
-    recompute_time[c]:  t_c >= sum_{k in c} F_k - U(.) (1 - rc[c])
+    recompute_time[k]:  t_k >= F_k - U(F_k) (1 - rc[k])
     memory_budget:      peak <= budget
 
-and the objective adds ``sum_c t_c``. ``resident`` sums the decisions' resident bytes
+and the objective adds ``sum_k t_k``. ``resident`` sums the decisions' resident bytes
 (weights, AdamW moments, buffers, inputs). At integer points ``kept_k`` and ``t_c`` are pushed
 to their bounds only when that matters, so every constraint holds for the true values.
 
@@ -84,7 +85,7 @@ class Solution:
     solve_s: float
     solver: str
     n_variables: int = 0
-    #: repeated-block classes (prefix, first index) whose blocks are recomputed in backward
+    #: the repeated blocks ("model.layers.3") recomputed in backward
     recomputed: set = field(default_factory=set)
     #: peak bytes per device and its parts (``MemoryModel.evaluate``)
     memory: dict = field(default_factory=dict)
@@ -179,22 +180,23 @@ def solve(
         raise InfeasibleBudgetError(
             f"no plan fits memory_budget={memory_budget_bytes} bytes per device on mesh "
             f"{g.mesh_shape}; the smallest plan needs {need:.0f} bytes ({need / 2**30:.2f} GiB), "
-            "recomputing every repeated block. Raise the budget or use more devices.",
+            "recomputing repeated blocks and sharding or offloading parameters as far as that helps. "
+            "Raise the budget or use more devices.",
             int(math.ceil(need)),
         )
     chosen = {d: max(range(len(x[d])), key=lambda j: x[d][j].value() or 0.0) for d in x}
     choice = {r: chosen[g.decision(r)] for r in g.roots}
-    recomputed = {c for c, v in rc.items() if (v.value() or 0.0) > 0.5}
+    recomputed = {mm.segments[k].name for k, v in rc.items() if (v.value() or 0.0) > 0.5}
     objective_s = evaluate(g, choice) + recompute_time_s(mm, choice, recomputed)
     sol = Solution(choice, objective_s, status, gap, time.perf_counter() - t0, name, n_vars)
     sol.recomputed, sol.memory = recomputed, mm.evaluate(choice, recomputed)
-    sol.recomputed_nodes = {n: s.name for s in mm.segments if s.block_class in recomputed for n in s.nodes}
+    sol.recomputed_nodes = {n: s.name for s in mm.segments if s.name in recomputed for n in s.nodes}
     return sol
 
 
 def recompute_time_s(mm: MemoryModel, choice: dict[str, int], recomputed: set) -> float:
     """Forward time of the recomputed blocks, spent again in backward."""
-    return sum(value(s.forward_s, choice) for s in mm.segments if s.block_class in recomputed)
+    return sum(value(s.forward_s, choice) for s in mm.segments if s.name in recomputed)
 
 
 class _Transport:

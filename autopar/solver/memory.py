@@ -23,9 +23,11 @@ visits segments in reverse; at segment ``k`` the live bytes are (``Mk``)::
     resident + sum_{j >= k} G_j + sum_{j < k} kept_j + A_k
 
 ``A_k`` is the segment's saved bytes, ``G_k`` the gradients of parameters whose last reader
-is in it, and ``kept_j`` what segment ``j`` keeps through the forward: ``A_j``, or, when its
-block class is *recomputed*, only the block's inputs ``I_j`` (the checkpoint stores them and
+is in it, and ``kept_j`` what segment ``j`` keeps through the forward: ``A_j``, or, when the
+block is *recomputed*, only the block's inputs ``I_j`` (the checkpoint stores them and
 backward re-runs the block, so ``A_k`` is live again while segment ``k``'s backward runs).
+Any number of the blocks of a class may be recomputed; the earliest first, since what an
+earlier block keeps is live at every later liveness point.
 The optimizer step holds ``resident + sum_j G_j``. The peak is the largest of these; the
 ILP (``solver.ilp``) bounds all of them by the budget.
 
@@ -97,13 +99,10 @@ class MemoryModel:
             g, g.nodes[e.src], g.spec_of(e.src, choice).out, g.spec_of(e.dst, choice).ins[e.arg]
         )
 
-    def evaluate(self, choice: dict[str, int], recomputed: set[tuple[str, int]]) -> dict[str, int | str]:
-        """Peak bytes and its parts for a choice (per root) and a set of recomputed classes."""
+    def evaluate(self, choice: dict[str, int], recomputed: set[str]) -> dict[str, int | str]:
+        """Peak bytes and its parts for a choice (per root) and a set of recomputed blocks."""
         saved = [self.saved_bytes(s, choice) for s in self.segments]
-        kept = [
-            value(s.inputs, choice) if s.block_class in recomputed else a
-            for s, a in zip(self.segments, saved)
-        ]
+        kept = [value(s.inputs, choice) if s.name in recomputed else a for s, a in zip(self.segments, saved)]
         resident = value(self.resident, choice)
         grads = [value(s.grads, choice) for s in self.segments]
         best = {"peak_bytes": resident + sum(grads), "resident_bytes": resident, "gradient_bytes": sum(grads)}
@@ -125,7 +124,7 @@ class MemoryModel:
         ``edge_copies(e, scale)`` is the ILP's expression for the bytes of the copy a layout
         change on edge ``e`` makes; ``identity(e)`` names the edges that share variables.
         Returns the peak variable (in ``self.unit_bytes``), the recompute binaries per block
-        class, and the recompute time terms for the objective."""
+        (by segment index), and the recompute time terms for the objective."""
         u = self.unit_bytes
 
         def lin(e: Expr, scale: float = 1.0 / u):
@@ -141,21 +140,24 @@ class MemoryModel:
                 for e in s.reshard_edges
             )
 
-        rc = {c: pulp.LpVariable(f"recompute_{i}", cat="Binary") for i, c in enumerate(self.classes)}
+        rc = {k: pulp.LpVariable(f"recompute_{k}", cat="Binary") for ks in self.classes.values() for k in ks}
+        for i, ks in enumerate(self.classes.values()):
+            for a, b in zip(ks, ks[1:]):
+                prob += rc[a] >= rc[b], f"earliest_first_{i}_{b}"
         kept = []
         for k, s in enumerate(self.segments):
             if s.block_class is None:
                 kept.append(saved(s))
                 continue
             v = pulp.LpVariable(f"kept_{k}", lowBound=0)
-            prob += v >= saved(s) - saved_upper(s) / u * rc[s.block_class], f"kept_saved_{k}"
+            prob += v >= saved(s) - saved_upper(s) / u * rc[k], f"kept_saved_{k}"
             prob += v >= lin(s.inputs), f"kept_inputs_{k}"
             kept.append(v)
         time_terms = []
-        for i, (c, ks) in enumerate(self.classes.items()):
-            total = merged(self.segments[k].forward_s for k in ks)
-            f = pulp.LpVariable(f"recompute_s_{i}", lowBound=0)
-            prob += f >= lin(total, 1.0) - upper(total) * (1 - rc[c]), f"recompute_time_{i}"
+        for k in rc:
+            fwd = self.segments[k].forward_s
+            f = pulp.LpVariable(f"recompute_s_{k}", lowBound=0)
+            prob += f >= lin(fwd, 1.0) - upper(fwd) * (1 - rc[k]), f"recompute_time_{k}"
             time_terms.append(f)
         temps: dict[tuple, object] = {}  # segments with the same transients share T_k
         for k, s in enumerate(self.segments):

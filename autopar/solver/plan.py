@@ -19,6 +19,7 @@ import torch
 import torch.fx as fx
 
 from autopar.errors import PlanFormatError, StalePlanError
+from autopar.solver.repeats import ranges
 
 FORMAT_VERSION = 3
 
@@ -57,7 +58,7 @@ class Plan:
     #: peak bytes per device and its parts: resident (weights, AdamW moments, buffers,
     #: inputs), gradients and saved activations at the peak, and where the peak is
     memory: dict = field(default_factory=dict)
-    #: repeated-block classes recomputed in backward, by their first block ("model.layers.0")
+    #: the repeated blocks recomputed in backward ("model.layers.0", ...)
     recompute: list[str] = field(default_factory=list)
     solver: dict = field(default_factory=dict)
     timings_s: dict = field(default_factory=dict)
@@ -135,10 +136,28 @@ class Plan:
             f"peak memory at {m['at']}: resident {_mib(m['resident_bytes'])} (weights, AdamW moments, "
             f"buffers, inputs), gradients {_mib(m['gradient_bytes'])}, saved activations "
             f"{_mib(m['activation_bytes'])}, transients {_mib(m['transient_bytes'])}",
-            "recompute in backward: "
-            + (", ".join(f"every block like {b}" for b in self.recompute) if self.recompute else "nothing"),
+            "recompute in backward: " + self._recompute_summary(),
             "parameters: " + self._mode_counts(),
         ]
+
+    def _recompute_summary(self) -> str:
+        """``model.layers.{0-12}`` (13 of 32 blocks) per stack of blocks."""
+        if not self.recompute:
+            return "nothing"
+        stacks: dict[str, list[int]] = defaultdict(list)
+        for block in self.recompute:
+            prefix, _, i = block.rpartition(".")
+            stacks[prefix].append(int(i))
+        sizes: dict[str, set[str]] = defaultdict(set)
+        for n in self.nodes:  # how many blocks each stack has, from the parameters' names
+            for prefix in stacks:
+                rest = n.target[len(prefix) + 1 :] if n.target.startswith(prefix + ".") else ""
+                if rest.split(".")[0].isdigit():
+                    sizes[prefix].add(rest.split(".")[0])
+        return ", ".join(
+            f"{prefix}.{{{ranges(sorted(ix))}}} ({len(ix)} of {len(sizes[prefix]) or '?'} blocks)"
+            for prefix, ix in stacks.items()
+        )
 
     def _mode_counts(self) -> str:
         params = [n for n in self.nodes if n.kind == "param"]

@@ -73,7 +73,7 @@ def plan_traced(
         estimated_step_s=sol.objective_s,
         peak_memory_bytes=int(sol.memory["peak_bytes"]),
         memory={k: v if isinstance(v, str) else int(v) for k, v in sol.memory.items()},
-        recompute=sorted(f"{prefix}.{first}" for prefix, first in sol.recomputed),
+        recompute=sorted(sol.recomputed, key=_block_order),
         fallback_ops=fallback,
         solver={
             "status": sol.status,
@@ -88,6 +88,11 @@ def plan_traced(
         },
         timings_s=timings,
     )
+
+
+def _block_order(block: str) -> tuple[str, int]:
+    prefix, _, i = block.rpartition(".")
+    return prefix, int(i)
 
 
 def _default_names(n: int) -> list[str]:

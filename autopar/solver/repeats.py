@@ -145,10 +145,10 @@ def share_decisions(g: StrategyGraph, graph: fx.Graph) -> None:
     tied = {found.block[t] for t in g.shared.values()}
     for (prefix, first), others in found.repeats.items():
         if (prefix, first) in tied:
-            g.shared_blocks.append(f"{prefix}.{{{_ranges(others)}}} share the decisions of {prefix}.{first}")
+            g.shared_blocks.append(f"{prefix}.{{{ranges(others)}}} share the decisions of {prefix}.{first}")
 
 
-def _ranges(indices: list[int]) -> str:
+def ranges(indices: list[int]) -> str:
     """[1, 2, 3, 5] -> "1-3,5"."""
     out, start = [], indices[0]
     for a, b in zip(indices, indices[1:] + [None]):

@@ -54,13 +54,17 @@ def test_budget_sweep_known_answers(gpt):
     # recomputation is already on
     assert all(p.recompute for p in plans if "offload" in _modes(p))
     tight = plans[-1]
-    assert tight.recompute == ["transformer.h.0"]  # the class of the four identical layers
+    assert tight.recompute == [f"transformer.h.{i}" for i in range(4)]  # every layer, at the floor
     assert "offload" in _modes(tight) and "host memory" in tight.report()
     flagged = {n.recompute for n in tight.nodes if n.recompute}
     assert flagged == {f"transformer.h.{i}" for i in range(4)}
     assert tight.estimated_step_s > free.estimated_step_s
     assert tight.memory["peak_bytes"] == tight.peak_memory_bytes
-    assert "recompute" in tight.report() and "transformer.h.0" in tight.report()
+    assert "recompute in backward: transformer.h.{0-3} (4 of 4 blocks)" in tight.report()
+    # the number of recomputed layers grows as the budget shrinks, earliest layers first
+    counts = [len(p.recompute) for p in plans]
+    assert counts == sorted(counts)
+    assert all(p.recompute == [f"transformer.h.{i}" for i in range(len(p.recompute))] for p in plans)
 
 
 def test_zero3_before_recomputation_when_weights_dominate():
@@ -79,7 +83,7 @@ def test_zero3_before_recomputation_when_weights_dominate():
     assert zero3.peak_memory_bytes <= 0.78 * free.peak_memory_bytes
     assert zero3.estimated_step_s >= free.estimated_step_s
     both = plan(int(0.55 * free.peak_memory_bytes))
-    assert both.recompute == ["transformer.h.0"]
+    assert both.recompute and both.recompute[0] == "transformer.h.0"
     assert both.estimated_step_s >= zero3.estimated_step_s
     gathered_again = [n for n in zero3.nodes if n.mode == "zero3"]
     assert all(n.kind == "param" for n in gathered_again)
@@ -91,9 +95,10 @@ def test_gpt2_1_5b_fits_one_24gb_device_only_with_offload_and_recompute():
     budget = 24 * 2**30
     plan = make_plan(model, (), (1,), example_kwargs=inputs, gpu="a10", memory_budget=budget)
     assert plan.peak_memory_bytes <= budget
-    assert plan.recompute == ["transformer.h.0"] and "offload" in _modes(plan)
+    assert plan.recompute and "offload" in _modes(plan)
     report = plan.report()
-    assert "every block like transformer.h.0" in report and "host memory, AdamW step on the CPU" in report
+    assert "recompute in backward: transformer.h.{0-" in report
+    assert "host memory, AdamW step on the CPU" in report
     # why both: with nothing in host memory no plan fits (memory is priced alike on every
     # kind of device; "cpu" has no host memory to offload to) ...
     with pytest.raises(InfeasibleBudgetError):
