@@ -1,4 +1,5 @@
-"""The ``autopar`` command: ``plan`` (offline), ``show`` (inspect a plan), ``demo``."""
+"""The ``autopar`` command: ``plan`` (offline), ``show`` (inspect a plan), ``bench`` (strategies
+side by side), ``demo``."""
 
 from __future__ import annotations
 
@@ -70,6 +71,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--time-limit", type=float, default=None, help="solver time limit, seconds")
     p.add_argument("-o", "--output", help="write the plan as JSON")
+    b = sub.add_parser("bench", help="compare classic strategies and auto on one mesh (offline)")
+    b.add_argument("model", help="as for plan")
+    b.add_argument("--size", choices=("real", "tiny"), default="real")
+    b.add_argument("--mesh", type=_mesh, default=(2, 4))
+    b.add_argument("--gpu", default="h100")
+    b.add_argument("--batch", type=int, default=8)
+    b.add_argument("--seq", type=int, default=128)
+    b.add_argument("--strategies", default="dp,zero2,zero3,megatron,auto", help="comma-separated")
+    b.add_argument("--memory-budget", default=None)
+    b.add_argument("--mixed-precision", choices=("bf16", "fp16"), default=None)
+    b.add_argument("--json", help="write the table as JSON")
+    b.add_argument("--plot", help="draw step time and peak memory per strategy (PNG; needs matplotlib)")
     s = sub.add_parser("show", help="print the report of a saved plan")
     s.add_argument("plan")
     d = sub.add_parser("demo", help="plan and train a small GPT on 4 local CPU processes")
@@ -93,6 +106,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "show":
         print(load_plan(args.plan).report())
         return 0
+    if args.command == "bench":
+        return _bench(args)
     from autopar.api import make_plan
 
     model, kwargs = _model(args.model, args.batch, args.seq, args.size)
@@ -116,6 +131,35 @@ def _run(args: argparse.Namespace) -> int:
     if args.output:
         plan.save(args.output)
         print(f"plan written to {args.output}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from autopar import bench
+
+    model, kwargs = _model(args.model, args.batch, args.seq, args.size)
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    rows = bench.compare(
+        model,
+        kwargs,
+        args.mesh,
+        strategies,
+        gpu=args.gpu,
+        memory_budget=args.memory_budget,
+        mixed_precision=args.mixed_precision,
+    )
+    mesh = "x".join(map(str, args.mesh))
+    print(f"{args.model} on {mesh} {args.gpu}, batch {args.batch}, seq {args.seq}")
+    print(bench.table(rows))
+    if args.json:
+        bench.write_json(rows, args.json)
+        print(f"table written to {args.json}")
+    if args.plot:
+        try:
+            bench.plot(rows, args.plot, f"{args.model} on {mesh} {args.gpu}")
+        except ImportError:
+            raise AutoparError("--plot needs matplotlib: pip install 'autopar[plot]'") from None
+        print(f"chart written to {args.plot}")
     return 0
 
 

@@ -47,6 +47,13 @@ def collective_time_s(kind: str, nbytes: float, n: int, link: Link) -> float:
     return link.alpha_s + frac * nbytes / link.bytes_per_s
 
 
+def sent_bytes(kind: str, nbytes: float, n: int) -> float:
+    """Bytes each device sends for one collective of ``nbytes`` on an axis of ``n`` (ring)."""
+    if n <= 1 or kind in ("slice", "local"):
+        return 0.0
+    return (2 if kind == "all_reduce" else 1) * (n - 1) / n * nbytes
+
+
 def copy_time_s(nbytes: float, link: Link) -> float:
     """One copy over a point-to-point link (device <-> host)."""
     return link.alpha_s + nbytes / link.bytes_per_s
@@ -84,6 +91,18 @@ def plan_redistribute(
         steps.append(CommStep(kind, i, nbytes, collective_time_s(kind, nbytes, n, link)))
         cur[i] = b
     return steps
+
+
+@functools.lru_cache(maxsize=1 << 18)
+def redistribute_bytes(
+    src: Spec, dst: Spec, shape: tuple[int, ...], itemsize: int, mesh_shape: tuple[int, ...]
+) -> float:
+    """Bytes each device sends for :func:`plan_redistribute`'s steps."""
+    if src == dst:
+        return 0.0
+    links = tuple(Link(0.0, 1.0) for _ in mesh_shape)
+    steps = plan_redistribute(src, dst, shape, itemsize, mesh_shape, links)
+    return sum(sent_bytes(s.kind, s.bytes, mesh_shape[s.mesh_dim]) for s in steps)
 
 
 @functools.lru_cache(maxsize=1 << 18)

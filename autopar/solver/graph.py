@@ -32,7 +32,7 @@ import torch
 import torch.fx as fx
 from torch.distributed.tensor import Partial, Replicate, Shard
 
-from autopar.cost.comm import redistribute_time_s
+from autopar.cost.comm import redistribute_bytes, redistribute_time_s
 from autopar.cost.compute import BACKWARD_OVER_FORWARD, optimizer_step_s, roofline_s
 from autopar.cost.hardware import Hardware, Link
 from autopar.cost.memory import ADAMW_STATES_PER_PARAM
@@ -150,6 +150,20 @@ def edge_cost_s(
             grad_spec(dst_s, arg), no_partial(src_spec), shape, itemsize, g.mesh_shape, links
         )
     return t
+
+
+def edge_bytes(
+    g: StrategyGraph, src: NodeChoices, dst: NodeChoices, arg: int, src_spec: Spec, dst_s: Strategy
+) -> float:
+    """Bytes each device sends for :func:`edge_cost_s`'s layout changes (forward and back)."""
+    if dst.kind == "getitem":
+        return 0.0
+    v = src.node.meta["val"]
+    shape, size = tuple(v.shape), v.element_size()
+    sent = redistribute_bytes(src_spec, dst_s.ins[arg], shape, size, g.mesh_shape)
+    if src.requires_grad:
+        sent += redistribute_bytes(grad_spec(dst_s, arg), no_partial(src_spec), shape, size, g.mesh_shape)
+    return sent
 
 
 def _leaf_specs(shape: Sequence[int], n_axes: int) -> list[Spec]:

@@ -38,6 +38,8 @@ class NodePlan:
     mode: str
     compute_s: float
     comm_s: float
+    #: bytes this device sends for the layout changes into the node, forward and backward
+    comm_bytes: int
     memory_bytes: int
 
 
@@ -70,6 +72,12 @@ class Plan:
 
     def _by_name(self) -> dict[str, NodePlan]:
         return {n.name: n for n in self.nodes}
+
+    @property
+    def comm_bytes(self) -> int:
+        """Bytes each device sends per training step for layout changes (not counting the
+        extra gathers of ZeRO-3 and recomputation)."""
+        return sum(n.comm_bytes for n in self.nodes)
 
     def param_modes(self) -> dict[str, str]:
         """Parameter FQN -> its mode, for the parameters not simply laid out as read."""

@@ -12,7 +12,15 @@ from autopar.cost.hardware import get_hardware
 from autopar.cost.units import parse_bytes
 from autopar.errors import AutoparError
 from autopar.solver import ilp
-from autopar.solver.graph import StrategyGraph, build, edge_cost_s, node_inputs, output_cost_s, output_names
+from autopar.solver.graph import (
+    StrategyGraph,
+    build,
+    edge_bytes,
+    edge_cost_s,
+    node_inputs,
+    output_cost_s,
+    output_names,
+)
 from autopar.solver.pinned import PARAM_MODES, pin_for
 from autopar.solver.plan import NodePlan, Plan, fingerprint, graph_signature
 from autopar.solver.specs import short
@@ -106,10 +114,12 @@ def node_plans(g: StrategyGraph, choice: dict[str, int], recomputed: dict[str, s
     for name, nc in g.nodes.items():
         s = g.spec_of(name, choice)
         i = nc.pick[choice[nc.root]]
-        comm = 0.0
+        comm, sent = 0.0, 0.0
         for k, a in enumerate(node_inputs(nc)):
             if a.name in g.nodes:
-                comm += edge_cost_s(g, g.nodes[a.name], nc, k, g.spec_of(a.name, choice).out, s)
+                have = g.spec_of(a.name, choice).out
+                comm += edge_cost_s(g, g.nodes[a.name], nc, k, have, s)
+                sent += edge_bytes(g, g.nodes[a.name], nc, k, have, s)
         if name in outputs:
             comm += output_cost_s(g, nc, s.out)
         out.append(
@@ -125,6 +135,7 @@ def node_plans(g: StrategyGraph, choice: dict[str, int], recomputed: dict[str, s
                 mode=param_mode(g, nc, choice[nc.root]),
                 compute_s=nc.cost_s[i],
                 comm_s=comm,
+                comm_bytes=int(sent),
                 memory_bytes=nc.memory_bytes[i],
             )
         )

@@ -146,5 +146,7 @@ def test_same_numbers_with_the_plan_memory_choices(results, case):
 def test_smallest_budget_recomputes_blocks(results, name):
     free, tight = results[f"{name}/none"], results[f"{name}/near-min"]
     assert free["recompute"] == [] and free["checkpointed"] == 0
-    assert tight["recompute"] and tight["checkpointed"] >= 2
+    # each recomputed block runs under at least one checkpoint (the earliest blocks first)
+    assert tight["recompute"] and tight["checkpointed"] >= len(tight["recompute"])
+    assert tight["recompute"][0].endswith(".0")
     assert tight["predicted"] < 0.5 * free["predicted"]

@@ -1,0 +1,52 @@
+"""Strategies side by side (``autopar.bench``): auto is never slower than a classic layout,
+since each is the same ILP with fewer choices; a strategy that cannot divide a dimension or
+fit the budget is a row that says so; the CLI writes the table and the chart."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from autopar import bench
+from autopar.cli import main
+from autopar.models import zoo
+
+PINNED = ("dp", "megatron", "zero3")
+#: HiGHS stops within a relative gap of 1e-4 of the optimum
+GAP = 1e-4
+
+
+@pytest.mark.parametrize("name", zoo.names())
+def test_auto_is_never_slower_than_a_pinned_strategy(name):
+    with torch.device("meta"):
+        model, inputs = zoo.build(name, "tiny", batch=8, seq=32)
+    for mesh in ((8,), (2, 4)):
+        rows = {r.strategy: r for r in bench.compare(model, inputs, mesh, (*PINNED, "auto"), gpu="h100")}
+        assert not rows["auto"].problem, rows["auto"]
+        pinned = [r.step_s for s, r in rows.items() if s != "auto" and not r.problem]
+        assert pinned, rows
+        assert rows["auto"].step_s <= min(pinned) * (1 + GAP), (mesh, rows)
+
+
+def test_a_strategy_that_cannot_apply_is_a_row_not_a_crash():
+    with torch.device("meta"):
+        model, inputs = zoo.build("gpt2-124m", "tiny", batch=6, seq=32)
+    rows = bench.compare(model, inputs, (4,), ("dp", "auto"), gpu="h100")
+    assert "no valid layout" in rows[0].problem and rows[0].step_s is None  # batch 6 on 4 devices
+    assert not rows[1].problem and rows[1].step_s > 0
+    small = bench.compare(model, inputs, (2,), ("dp",), gpu="h100", memory_budget=1000)
+    assert small[0].problem.startswith("does not fit")
+    assert "does not fit" in bench.table(small)
+
+
+def test_cli_bench_writes_table_and_chart(tmp_path, capsys):
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    args = ["bench", "gpt2-124m", "--size", "tiny", "--mesh", "2x2", "--batch", "4", "--seq", "16"]
+    assert main([*args, "--strategies", "dp,megatron,auto", "--json", str(out), "--plot", str(png)]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["strategy"] for r in rows] == ["dp", "megatron", "auto"]
+    assert all(r["step_s"] > 0 and r["peak_memory_bytes"] > 0 for r in rows)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "megatron" in capsys.readouterr().out
