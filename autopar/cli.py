@@ -75,6 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("model", help="as for plan")
     b.add_argument("--size", choices=("real", "tiny"), default="real")
     b.add_argument("--mesh", type=_mesh, default=(2, 4))
+    b.add_argument(
+        "--devices",
+        type=int,
+        default=None,
+        help="instead of --mesh: try every 1-3 axis mesh of this many devices",
+    )
     b.add_argument("--gpu", default="h100")
     b.add_argument("--batch", type=int, default=8)
     b.add_argument("--seq", type=int, default=128)
@@ -139,17 +145,18 @@ def _bench(args: argparse.Namespace) -> int:
 
     model, kwargs = _model(args.model, args.batch, args.seq, args.size)
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    meshes = bench.mesh_shapes(args.devices) if args.devices else [args.mesh]
     rows = bench.compare(
         model,
         kwargs,
-        args.mesh,
+        meshes,
         strategies,
         gpu=args.gpu,
         memory_budget=args.memory_budget,
         mixed_precision=args.mixed_precision,
     )
-    mesh = "x".join(map(str, args.mesh))
-    print(f"{args.model} on {mesh} {args.gpu}, batch {args.batch}, seq {args.seq}")
+    mesh = f"{args.devices} devices" if args.devices else "x".join(map(str, args.mesh))
+    print(f"{args.model} on {mesh} ({args.gpu}), batch {args.batch}, seq {args.seq}")
     print(bench.table(rows))
     if args.json:
         bench.write_json(rows, args.json)

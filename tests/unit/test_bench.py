@@ -50,3 +50,14 @@ def test_cli_bench_writes_table_and_chart(tmp_path, capsys):
     assert all(r["step_s"] > 0 and r["peak_memory_bytes"] > 0 for r in rows)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "megatron" in capsys.readouterr().out
+
+
+def test_logical_mesh_search(capsys):
+    assert bench.mesh_shapes(8) == [(8,), (2, 4), (2, 2, 2), (4, 2)]
+    assert sorted(bench.mesh_shapes(12)) == sorted(
+        [(12,), (2, 6), (6, 2), (3, 4), (4, 3), (2, 2, 3), (2, 3, 2), (3, 2, 2)]
+    )
+    args = ["bench", "gpt2-124m", "--size", "tiny", "--devices", "4", "--batch", "4", "--seq", "16"]
+    assert main([*args, "--strategies", "auto"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"\n{m} " in out for m in ("4", "2x2")) and out.count("<- fastest") == 1
