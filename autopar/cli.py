@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--plot", help="draw step time and peak memory per strategy (PNG; needs matplotlib)")
     s = sub.add_parser("show", help="print the report of a saved plan")
     s.add_argument("plan")
+    s.add_argument("--explain", metavar="NODE", help="why NODE has its layout, and what was turned down")
     d = sub.add_parser("demo", help="plan and train a small GPT on 4 local CPU processes")
     d.add_argument("--steps", type=int, default=5)
     d.add_argument("--strategy", default="auto")
@@ -110,7 +111,8 @@ def _run(args: argparse.Namespace) -> int:
     from autopar.solver.plan import load_plan
 
     if args.command == "show":
-        print(load_plan(args.plan).report())
+        plan = load_plan(args.plan)
+        print(plan.explain(args.explain) if args.explain else plan.report())
         return 0
     if args.command == "bench":
         return _bench(args)

@@ -9,6 +9,7 @@ for; a mismatch names the first node that differs.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 from collections import defaultdict
@@ -36,6 +37,9 @@ class NodePlan:
     recompute: str  # the block instance it is recomputed with in backward ("" if kept)
     #: a parameter's mode (``solver.zero``): "" (as read), zero2, zero3 or offload
     mode: str
+    #: the ILP decision that sets this node's layout (a root of the strategy graph, shared by
+    #: the same node of identical blocks)
+    decision: str
     compute_s: float
     comm_s: float
     #: bytes this device sends for the layout changes into the node, forward and backward
@@ -62,6 +66,8 @@ class Plan:
     memory: dict = field(default_factory=dict)
     #: the repeated blocks recomputed in backward ("model.layers.0", ...)
     recompute: list[str] = field(default_factory=list)
+    #: per decision, the strategies the ILP turned down, cheapest first (``solver.explain``)
+    alternatives: dict = field(default_factory=dict)
     solver: dict = field(default_factory=dict)
     timings_s: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
@@ -136,6 +142,34 @@ class Plan:
         )
 
     # ---- report
+    def explain(self, name: str) -> str:
+        """Why node ``name`` has its layout: the decision that sets it, the layout chosen, and
+        the alternatives turned down with the step time each would add."""
+        by_name = self._by_name()
+        if name not in by_name:
+            close = difflib.get_close_matches(name, list(by_name), n=5)
+            raise PlanFormatError(
+                f"no node {name!r} in this plan" + (f"; did you mean {', '.join(close)}?" if close else "")
+            )
+        n = by_name[name]
+        root = by_name[n.decision]
+        members = sum(m.decision == n.decision for m in self.nodes)
+        lines = [
+            f"{n.name} ({n.op}, module {n.module or '-'}): {n.spec}"
+            + (f" <- {', '.join(n.input_specs)}" if n.input_specs else "")
+            + (f", {n.mode}" if n.mode else ""),
+            f"set by decision {n.decision} ({members} nodes follow it): {root.spec} <- "
+            f"{', '.join(root.input_specs) or '-'}",
+            "turned down (step time it would add, the rest of the plan held fixed; peak memory not checked):",
+        ]
+        for alt in self.alternatives.get(n.decision, []):
+            lines.append(
+                f"  {alt['out']:<8} <- {', '.join(alt['ins']) or '-':<24} +{alt['delta_s'] * 1e3:.4f} ms"
+            )
+        if not self.alternatives.get(n.decision):
+            lines.append("  (no other strategy)")
+        return "\n".join(lines)
+
     def _memory_lines(self) -> list[str]:
         m = self.memory
         if not m:

@@ -12,6 +12,7 @@ from autopar.cost.hardware import get_hardware
 from autopar.cost.units import parse_bytes
 from autopar.errors import AutoparError
 from autopar.solver import ilp
+from autopar.solver.explain import alternatives
 from autopar.solver.graph import (
     StrategyGraph,
     build,
@@ -82,6 +83,7 @@ def plan_traced(
         peak_memory_bytes=int(sol.memory["peak_bytes"]),
         memory={k: v if isinstance(v, str) else int(v) for k, v in sol.memory.items()},
         recompute=sorted(sol.recomputed, key=_block_order),
+        alternatives=alternatives(g, sol.choice),
         fallback_ops=fallback,
         solver={
             "status": sol.status,
@@ -133,6 +135,7 @@ def node_plans(g: StrategyGraph, choice: dict[str, int], recomputed: dict[str, s
                 input_specs=[short(x) for x in s.ins] if nc.kind != "getitem" else [],
                 recompute=recomputed.get(name, ""),
                 mode=param_mode(g, nc, choice[nc.root]),
+                decision=g.decision(nc.root),
                 compute_s=nc.cost_s[i],
                 comm_s=comm,
                 comm_bytes=int(sent),

@@ -41,3 +41,19 @@ def test_bad_input_is_one_clear_line(capsys):
     assert "unknown GPU 'tpu'" in capsys.readouterr().err
     assert main(["plan", "nosuchmodel"]) == 2
     assert "unknown model 'nosuchmodel'" in capsys.readouterr().err
+
+
+def test_show_explain_lists_what_was_turned_down(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert main(["plan", "gpt2-tiny", "--mesh", "2x2", "--batch", "4", "--seq", "32", "-o", str(out)]) == 0
+    plan = load_plan(out)
+    linear = next(n for n in plan.nodes if n.op == "aten.linear.default")
+    capsys.readouterr()
+    assert main(["show", str(out), "--explain", linear.name]) == 0
+    text = capsys.readouterr().out
+    assert f"set by decision {linear.decision}" in text and "turned down" in text
+    # the plan is optimal: no single decision changed alone makes the step faster
+    deltas = [a["delta_s"] for alts in plan.alternatives.values() for a in alts]
+    assert deltas and min(deltas) >= -1e-4 * plan.estimated_step_s
+    assert main(["show", str(out), "--explain", linear.name + "x"]) == 2
+    assert "did you mean" in capsys.readouterr().err
