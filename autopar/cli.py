@@ -92,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("show", help="print the report of a saved plan")
     s.add_argument("plan")
     s.add_argument("--explain", metavar="NODE", help="why NODE has its layout, and what was turned down")
+    s.add_argument(
+        "--html", metavar="PATH", help="also write a self-contained HTML report (needs matplotlib)"
+    )
     d = sub.add_parser("demo", help="plan and train a small GPT on 4 local CPU processes")
     d.add_argument("--steps", type=int, default=5)
     d.add_argument("--strategy", default="auto")
@@ -113,6 +116,14 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "show":
         plan = load_plan(args.plan)
         print(plan.explain(args.explain) if args.explain else plan.report())
+        if args.html:
+            try:
+                from autopar.html_report import write_html
+
+                write_html(plan, args.html)
+            except ImportError:
+                raise AutoparError("--html needs matplotlib: pip install 'autopar[plot]'") from None
+            print(f"report written to {args.html}")
         return 0
     if args.command == "bench":
         return _bench(args)

@@ -213,8 +213,9 @@ class Plan:
         parts += [f"{n} {words[m]}" for m in words if (n := sum(v == m for v in modes.values()))]
         return ", ".join(parts)
 
-    def report(self) -> str:
-        """A per-layer table: layouts, compute and communication seconds, memory."""
+    def layers(self) -> dict[str, dict]:
+        """Per layer (``model.layers.3``, or a top-level module): its last op's layout, compute
+        and communication seconds, resident bytes, and its parameters' layouts."""
         rows = defaultdict(lambda: {"params": [], "compute_s": 0.0, "comm_s": 0.0, "mem": 0, "out": ""})
         for n in self.nodes:
             layer = _layer_of(n.module)
@@ -227,9 +228,13 @@ class Plan:
                 r["params"].append(f"{label}={n.spec}" + (f"[{n.mode}]" if n.mode else ""))
             elif n.kind == "op":
                 r["out"] = n.spec
+        return dict(rows)
+
+    def headline(self) -> list[str]:
+        """The report's first lines: mesh, step, peak and its parts, recomputation, modes."""
         mesh = "x".join(map(str, self.mesh_shape))
         names = ",".join(self.mesh_dim_names)
-        lines = [
+        return [
             f"autopar plan: mesh {mesh} ({names}) on {self.hardware}, strategy {self.strategy}"
             + (f", {self.mixed_precision} compute with master weights" if self.mixed_precision else ""),
             f"estimated step {self.estimated_step_s * 1e3:.3f} ms, peak memory "
@@ -237,10 +242,16 @@ class Plan:
             f"(gap {self.solver.get('gap', 0.0):.2%}) in {self.solver.get('solve_s', 0.0):.2f} s",
             *self._memory_lines(),
             *(f"repeated blocks: {line}" for line in self.solver.get("shared_blocks", [])),
+        ]
+
+    def report(self) -> str:
+        """A per-layer table: layouts, compute and communication seconds, memory."""
+        lines = [
+            *self.headline(),
             "",
             f"{'layer':<22} {'out':<7} {'compute ms':>10} {'comm ms':>9} {'MiB':>8}  parameters",
         ]
-        for layer, r in rows.items():
+        for layer, r in self.layers().items():
             lines.append(
                 f"{layer:<22} {r['out']:<7} {r['compute_s'] * 1e3:>10.4f} {r['comm_s'] * 1e3:>9.4f} "
                 f"{r['mem'] / 2**20:>8.2f}  {' '.join(r['params'])}"

@@ -57,3 +57,14 @@ def test_show_explain_lists_what_was_turned_down(tmp_path, capsys):
     assert deltas and min(deltas) >= -1e-4 * plan.estimated_step_s
     assert main(["show", str(out), "--explain", linear.name + "x"]) == 2
     assert "did you mean" in capsys.readouterr().err
+
+
+def test_show_html_is_self_contained(tmp_path, capsys):
+    out, page = tmp_path / "plan.json", tmp_path / "report.html"
+    assert main(["plan", "gpt2-tiny", "--mesh", "2x2", "--batch", "4", "--seq", "32", "-o", str(out)]) == 0
+    assert main(["show", str(out), "--html", str(page)]) == 0
+    text = page.read_text()
+    assert text.count('src="data:image/png;base64,') == 2  # memory bar and communication chart
+    assert "http://" not in text and "https://" not in text and "<script" not in text
+    assert "<link" not in text and "@import" not in text  # no stylesheet or font from outside
+    assert "blocks.0" in text and "peak memory at" in text
