@@ -5,15 +5,19 @@ each mesh shape; a strategy that cannot divide a dimension or fit the budget is 
 says so, not a crash. Each row: estimated step time, peak memory per device, bytes each
 device sends per step, plan time. ``mesh_shapes`` lists the logical meshes a number of
 devices can form (the *logical mesh search*: ``autopar bench --devices 16`` plans each and
-marks the fastest). ``autopar bench`` prints the table, and writes it as JSON or a bar chart.
+marks the fastest). ``measure`` runs each plan on local CPU processes (gloo) and times its
+training step next to the estimate (``autopar bench --run``). ``autopar bench`` prints the
+table, and writes it as JSON or a bar chart.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import tempfile
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +25,7 @@ import torch.nn as nn
 
 from autopar.api import param_dtype
 from autopar.errors import AutoparError, InfeasibleBudgetError
+from autopar.runtime.local_mesh import run_gloo
 from autopar.solver.planner import plan_traced
 from autopar.tracer import trace
 
@@ -37,6 +42,10 @@ class BenchRow:
     plan_s: float = 0.0
     #: why the strategy has no plan here ("" when it has one)
     problem: str = ""
+    #: the plan itself, as JSON (``measure`` runs it)
+    plan_json: str = field(default="", repr=False)
+    #: measured seconds per training step on a local CPU mesh (``measure``)
+    measured_s: float | None = None
 
 
 def mesh_shapes(n_devices: int, max_axes: int = 3) -> list[tuple[int, ...]]:
@@ -90,17 +99,79 @@ def _row(traced, mesh: tuple[int, ...], strategy: str, gpu: str, memory_budget, 
         return BenchRow(strategy, mesh, plan_s=time.perf_counter() - t0, problem=f"does not fit: {exc}")
     except AutoparError as exc:
         return BenchRow(strategy, mesh, plan_s=time.perf_counter() - t0, problem=str(exc))
-    sent = plan.comm_bytes
-    return BenchRow(
-        strategy, mesh, plan.estimated_step_s, plan.peak_memory_bytes, sent, time.perf_counter() - t0
-    )
+    row = BenchRow(strategy, mesh, plan.estimated_step_s, plan.peak_memory_bytes, plan.comm_bytes)
+    row.plan_s, row.plan_json = time.perf_counter() - t0, plan.to_json()
+    return row
+
+
+def measure(rows: list[BenchRow], build: Callable, build_args: tuple, steps: int = 3) -> None:
+    """Run each row's plan on a local mesh of CPU processes (gloo) and set ``measured_s``: the
+    mean wall time of ``steps`` training steps (forward, backward, AdamW) after a warm-up one.
+    ``build(*build_args)`` makes the model and its inputs on every rank."""
+    todo = [r for r in rows if r.plan_json]
+    if not todo:
+        return
+    world = math.prod(todo[0].mesh)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp, "times.json")
+        plans = [r.plan_json for r in todo]
+        try:
+            run_gloo(
+                _time_plans, (plans, build, build_args, steps, str(out)), world_size=world, timeout_s=600
+            )
+        except RuntimeError as exc:
+            raise AutoparError(f"measuring the plans on {world} local processes failed: {exc}") from None
+        for r, t in zip(todo, json.loads(out.read_text())):
+            r.measured_s = t
+
+
+def _time_plans(
+    rank: int, plans: list[str], build: Callable, build_args: tuple, steps: int, out: str
+) -> None:
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from autopar.api import autoparallelize
+    from autopar.solver.plan import Plan
+
+    times = []
+    for text in plans:
+        plan = Plan.from_json(text)
+        torch.manual_seed(0)
+        model, inputs = build(*build_args)
+        mesh = init_device_mesh("cpu", tuple(plan.mesh_shape))
+        pm = autoparallelize(model, (), mesh, example_kwargs=inputs, plan=plan)
+        opt = torch.optim.AdamW(pm.parameters(), lr=1e-4)
+        for i in range(steps + 1):
+            if i == 1:
+                dist.barrier()
+                t0 = time.perf_counter()
+            _loss(pm(**inputs)).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        dist.barrier()
+        times.append((time.perf_counter() - t0) / steps)
+    if rank == 0:
+        Path(out).write_text(json.dumps(times))
+
+
+def _loss(out):
+    """The loss of a model's output: ``.loss`` (HuggingFace), a (logits, loss) pair, or itself."""
+    if hasattr(out, "loss"):
+        return out.loss
+    return out[1] if isinstance(out, tuple) else out
 
 
 def table(rows: list[BenchRow]) -> str:
     """One line per row; the fastest row that has a plan is marked."""
     ok = [r for r in rows if not r.problem]
     best = min(ok, key=lambda r: r.step_s) if ok else None
-    lines = [f"{'mesh':<8} {'strategy':<13} {'step_ms':>10} {'peak_GiB':>9} {'sent_GiB':>9} {'plan_s':>7}"]
+    run = any(r.measured_s is not None for r in rows)
+    lines = [
+        f"{'mesh':<8} {'strategy':<13} {'step_ms':>10} {'peak_GiB':>9} {'sent_GiB':>9} {'plan_s':>7}"
+        + (f" {'measured_ms':>11}" if run else "")
+    ]
     for r in rows:
         mesh = "x".join(map(str, r.mesh))
         if r.problem:
@@ -109,13 +180,16 @@ def table(rows: list[BenchRow]) -> str:
             continue
         lines.append(
             f"{mesh:<8} {r.strategy:<13} {r.step_s * 1e3:10.3f} {r.peak_memory_bytes / 2**30:9.3f} "
-            f"{r.comm_bytes / 2**30:9.3f} {r.plan_s:7.2f}" + ("  <- fastest" if r is best else "")
+            f"{r.comm_bytes / 2**30:9.3f} {r.plan_s:7.2f}"
+            + (f" {r.measured_s * 1e3:11.2f}" if r.measured_s is not None else "")
+            + ("  <- fastest" if r is best else "")
         )
     return "\n".join(lines)
 
 
 def write_json(rows: list[BenchRow], path: str | Path) -> None:
-    Path(path).write_text(json.dumps([asdict(r) for r in rows], indent=1))
+    fields = [{k: v for k, v in asdict(r).items() if k != "plan_json"} for r in rows]
+    Path(path).write_text(json.dumps(fields, indent=1))
 
 
 def plot(rows: list[BenchRow], path: str | Path, title: str) -> None:

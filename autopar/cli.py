@@ -23,12 +23,14 @@ def _mesh(text: str) -> tuple[int, ...]:
     return shape
 
 
-def _model(name: str, batch: int, seq: int, size: str = "real") -> tuple[nn.Module, dict]:
+def _model(
+    name: str, batch: int, seq: int, size: str = "real", device: str = "meta"
+) -> tuple[nn.Module, dict]:
     """A zoo model, a built-in one (gpt2-tiny, gpt2, mlp) or ``package.module:factory``, on
-    the meta device."""
+    the meta device (or ``device``)."""
     from autopar.models import GPT, MLP, gpt_config, zoo
 
-    with torch.device("meta"):
+    with torch.device(device):
         if name in zoo.ZOO:
             return zoo.build(name, size, batch=batch, seq=seq)
         if name in ("gpt2-tiny", "gpt2"):
@@ -87,6 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--strategies", default="dp,zero2,zero3,megatron,auto", help="comma-separated")
     b.add_argument("--memory-budget", default=None)
     b.add_argument("--mixed-precision", choices=("bf16", "fp16"), default=None)
+    b.add_argument(
+        "--run",
+        action="store_true",
+        help="also measure each plan's step on a local CPU mesh (gloo; --size tiny)",
+    )
     b.add_argument("--json", help="write the table as JSON")
     b.add_argument("--plot", help="draw step time and peak memory per strategy (PNG; needs matplotlib)")
     s = sub.add_parser("show", help="print the report of a saved plan")
@@ -156,7 +163,10 @@ def _run(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from autopar import bench
 
-    model, kwargs = _model(args.model, args.batch, args.seq, args.size)
+    if args.run and (args.size != "tiny" or args.devices):
+        raise AutoparError("--run builds the model on every local rank: use it with --size tiny and --mesh")
+    # --run plans the model it runs: traced on the meta device a model may take other paths
+    model, kwargs = _model(args.model, args.batch, args.seq, args.size, "cpu" if args.run else "meta")
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     meshes = bench.mesh_shapes(args.devices) if args.devices else [args.mesh]
     rows = bench.compare(
@@ -168,6 +178,12 @@ def _bench(args: argparse.Namespace) -> int:
         memory_budget=args.memory_budget,
         mixed_precision=args.mixed_precision,
     )
+    if args.run:
+        if args.size != "tiny" or args.devices:
+            raise AutoparError(
+                "--run builds the model on every local rank: use it with --size tiny and --mesh"
+            )
+        bench.measure(rows, _model, (args.model, args.batch, args.seq, "tiny", "cpu"))
     mesh = f"{args.devices} devices" if args.devices else "x".join(map(str, args.mesh))
     print(f"{args.model} on {mesh} ({args.gpu}), batch {args.batch}, seq {args.seq}")
     print(bench.table(rows))

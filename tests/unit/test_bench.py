@@ -61,3 +61,28 @@ def test_logical_mesh_search(capsys):
     assert main([*args, "--strategies", "auto"]) == 0
     out = capsys.readouterr().out
     assert all(f"\n{m} " in out for m in ("4", "2x2")) and out.count("<- fastest") == 1
+
+
+def test_cli_bench_run_measures_each_plan_on_a_local_mesh(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    args = [
+        "bench",
+        "gpt2-124m",
+        "--size",
+        "tiny",
+        "--mesh",
+        "2x2",
+        "--batch",
+        "4",
+        "--seq",
+        "16",
+        "--gpu",
+        "cpu",
+    ]
+    assert main([*args, "--strategies", "dp,auto", "--run", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["strategy"] for r in rows] == ["dp", "auto"] and all(r["measured_s"] > 0 for r in rows)
+    assert "measured_ms" in capsys.readouterr().out
+    assert (
+        main(["bench", "gpt2-124m", "--mesh", "2x2", "--run"]) == 2
+    )  # a real-size model on every rank: refused
