@@ -31,10 +31,14 @@ def make_plan(
     strategy: str = "auto",
     time_limit_s: float | None = None,
     mixed_precision: str | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> Plan:
     """Plan offline: no ranks, no real memory (the model and inputs may be on the meta device).
     ``mixed_precision="bf16"`` (or ``"fp16"``) computes in that dtype and keeps master weights,
-    gradients and AdamW moments in the model's dtype."""
+    gradients and AdamW moments in the model's dtype. ``progress`` hears each phase's name
+    (the CLI shows them; a library call is quiet)."""
+    if progress is not None:
+        progress("tracing")
     t0 = time.perf_counter()
     traced = trace(model, example_inputs, example_kwargs, param_dtype(mixed_precision))
     return plan_traced(
@@ -47,6 +51,7 @@ def make_plan(
         time_limit_s=time_limit_s,
         mixed_precision=mixed_precision or "",
         timings_s={"trace_s": time.perf_counter() - t0},
+        progress=progress,
     )
 
 

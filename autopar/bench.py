@@ -72,16 +72,20 @@ def compare(
     gpu: str = "h100",
     memory_budget: int | str | None = None,
     mixed_precision: str | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> list[BenchRow]:
     """Plan ``model`` under each strategy on ``mesh_shape``, or on each of several mesh shapes
-    (no ranks; meta tensors are fine). The model is traced once."""
+    (no ranks; meta tensors are fine). The model is traced once; ``progress`` hears each row."""
+    say = progress or (lambda phase: None)
+    say("tracing")
     traced = trace(model, (), example_kwargs, param_dtype(mixed_precision))
     meshes = [tuple(m) for m in mesh_shape] if isinstance(mesh_shape[0], Sequence) else [tuple(mesh_shape)]
-    return [
-        _row(traced, mesh, strategy, gpu, memory_budget, mixed_precision)
-        for mesh in meshes
-        for strategy in strategies
-    ]
+    rows = []
+    for mesh in meshes:
+        for strategy in strategies:
+            say(f"planning {strategy} on {'x'.join(map(str, mesh))}")
+            rows.append(_row(traced, mesh, strategy, gpu, memory_budget, mixed_precision))
+    return rows
 
 
 def _row(traced, mesh: tuple[int, ...], strategy: str, gpu: str, memory_budget, mixed_precision) -> BenchRow:

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from autopar.errors import AutoparError
+from autopar.progress import Progress
 
 
 def _mesh(text: str) -> tuple[int, ...]:
@@ -137,6 +138,7 @@ def _run(args: argparse.Namespace) -> int:
     from autopar.api import make_plan
 
     model, kwargs = _model(args.model, args.batch, args.seq, args.size)
+    progress = Progress(3)
     plan = make_plan(
         model,
         (),
@@ -147,7 +149,9 @@ def _run(args: argparse.Namespace) -> int:
         memory_budget=args.memory_budget,
         time_limit_s=args.time_limit,
         mixed_precision=args.mixed_precision,
+        progress=progress,
     )
+    progress.done()
     print(plan.report())
     t = plan.timings_s
     print(
@@ -169,6 +173,7 @@ def _bench(args: argparse.Namespace) -> int:
     model, kwargs = _model(args.model, args.batch, args.seq, args.size, "cpu" if args.run else "meta")
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     meshes = bench.mesh_shapes(args.devices) if args.devices else [args.mesh]
+    progress = Progress(1 + len(meshes) * len(strategies))
     rows = bench.compare(
         model,
         kwargs,
@@ -177,7 +182,9 @@ def _bench(args: argparse.Namespace) -> int:
         gpu=args.gpu,
         memory_budget=args.memory_budget,
         mixed_precision=args.mixed_precision,
+        progress=progress,
     )
+    progress.done()
     if args.run:
         if args.size != "tiny" or args.devices:
             raise AutoparError(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch.fx as fx
 
@@ -40,7 +40,10 @@ def plan_traced(
     time_limit_s: float | None = None,
     mixed_precision: str = "",
     timings_s: dict[str, float] | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> Plan:
+    """Plan a traced model; ``progress`` (the CLI's) hears each phase's name."""
+    say = progress or (lambda phase: None)
     hw = get_hardware(gpu)
     if strategy == "zero-offload" and hw.host_link is None:
         raise AutoparError(
@@ -49,12 +52,14 @@ def plan_traced(
         )
     timings = dict(timings_s or {})
     t0 = time.perf_counter()
+    say("strategies and costs")
     g = build(traced.gm, mesh_shape, hw, traced.trainable, pin_for(strategy))
     if strategy in PARAM_MODES:
         add_param_modes(g, PARAM_MODES[strategy])
     elif memory_budget is not None:  # ZeRO-3 and offload only ever buy memory
         add_param_modes(g)
     timings["strategies_s"] = time.perf_counter() - t0
+    say("solving the ILP")
     if memory_budget == "min":  # the plan with the smallest peak, whatever its step time
         sol = ilp.solve(g, objective="memory", time_limit_s=time_limit_s)
     else:

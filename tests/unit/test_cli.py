@@ -68,3 +68,31 @@ def test_show_html_is_self_contained(tmp_path, capsys):
     assert "http://" not in text and "https://" not in text and "<script" not in text
     assert "<link" not in text and "@import" not in text  # no stylesheet or font from outside
     assert "blocks.0" in text and "peak memory at" in text
+
+
+def test_progress_shows_phases_on_a_terminal_and_the_library_is_quiet(capsys):
+    import io
+
+    from autopar import make_plan
+    from autopar.models import GPT, gpt_config
+    from autopar.progress import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    cfg = gpt_config("gpt2-tiny")
+    ids = torch.randint(0, cfg.vocab, (4, 16))
+    kwargs = {"input_ids": ids, "labels": ids.clone()}
+    make_plan(GPT(cfg), (), (2,), example_kwargs=kwargs)
+    assert capsys.readouterr().err == ""  # quiet as a library
+    screen = Terminal()
+    progress = Progress(3, stream=screen)
+    make_plan(GPT(cfg), (), (2,), example_kwargs=kwargs, progress=progress)
+    progress.done()
+    shown = screen.getvalue()
+    assert "[1/3] tracing" in shown and "[2/3] strategies and costs" in shown and "[3/3] solving" in shown
+    assert shown.endswith("\r\033[K")  # the line is cleared at the end
+    piped = io.StringIO()
+    Progress(3, stream=piped)("tracing")
+    assert piped.getvalue() == ""  # nothing on a pipe or a log file
