@@ -134,36 +134,32 @@ def grad_spec(s: Strategy, arg: int) -> Spec:
     )
 
 
+def edge_moves(src: NodeChoices, dst: NodeChoices, arg: int, src_spec: Spec, dst_s: Strategy) -> list:
+    """The layout changes on an edge: src_spec -> the input spec ``dst_s`` needs, and the
+    gradient's way back; each ``(from, to, shape, itemsize)``."""
+    if dst.kind == "getitem":
+        return []
+    v = src.node.meta["val"]
+    shape, itemsize = tuple(v.shape), v.element_size()
+    moves = [(src_spec, dst_s.ins[arg], shape, itemsize)]
+    if src.requires_grad:
+        moves.append((grad_spec(dst_s, arg), no_partial(src_spec), shape, itemsize))
+    return moves
+
+
 def edge_cost_s(
     g: StrategyGraph, src: NodeChoices, dst: NodeChoices, arg: int, src_spec: Spec, dst_s: Strategy
 ) -> float:
-    """Forward resharding src_spec -> required input spec, plus the gradient's way back."""
-    if dst.kind == "getitem":
-        return 0.0
-    v = src.node.meta["val"]
-    shape, itemsize = tuple(v.shape), v.element_size()
-    links = g.links
-    need = dst_s.ins[arg]
-    t = redistribute_time_s(src_spec, need, shape, itemsize, g.mesh_shape, links)
-    if src.requires_grad:
-        t += redistribute_time_s(
-            grad_spec(dst_s, arg), no_partial(src_spec), shape, itemsize, g.mesh_shape, links
-        )
-    return t
+    """Seconds of :func:`edge_moves`."""
+    moves = edge_moves(src, dst, arg, src_spec, dst_s)
+    return sum(redistribute_time_s(*m, g.mesh_shape, g.links) for m in moves)
 
 
 def edge_bytes(
     g: StrategyGraph, src: NodeChoices, dst: NodeChoices, arg: int, src_spec: Spec, dst_s: Strategy
 ) -> float:
-    """Bytes each device sends for :func:`edge_cost_s`'s layout changes (forward and back)."""
-    if dst.kind == "getitem":
-        return 0.0
-    v = src.node.meta["val"]
-    shape, size = tuple(v.shape), v.element_size()
-    sent = redistribute_bytes(src_spec, dst_s.ins[arg], shape, size, g.mesh_shape)
-    if src.requires_grad:
-        sent += redistribute_bytes(grad_spec(dst_s, arg), no_partial(src_spec), shape, size, g.mesh_shape)
-    return sent
+    """Bytes each device sends for :func:`edge_moves`."""
+    return sum(redistribute_bytes(*m, g.mesh_shape) for m in edge_moves(src, dst, arg, src_spec, dst_s))
 
 
 def _leaf_specs(shape: Sequence[int], n_axes: int) -> list[Spec]:
