@@ -77,7 +77,7 @@ def main() -> None:
             f"{budget / GIB:10.2f} {p.estimated_step_s * 1e3:9.1f} {p.peak_memory_bytes / GIB:8.2f} "
             f"{m['resident_bytes']:7.2f} {m['gradient_bytes']:7.2f} {m['activation_bytes']:7.2f} "
             f"{sharded:>3}/{params:<3} {counts} {time.perf_counter() - t0:6.1f}  "
-            f"{', '.join(p.recompute) or '-'}",
+            f"{p.recompute_summary()}",
             flush=True,
         )
 

@@ -178,11 +178,11 @@ class Plan:
             f"peak memory at {m['at']}: resident {_mib(m['resident_bytes'])} (weights, AdamW moments, "
             f"buffers, inputs), gradients {_mib(m['gradient_bytes'])}, saved activations "
             f"{_mib(m['activation_bytes'])}, transients {_mib(m['transient_bytes'])}",
-            "recompute in backward: " + self._recompute_summary(),
+            "recompute in backward: " + self.recompute_summary(),
             "parameters: " + self._mode_counts(),
         ]
 
-    def _recompute_summary(self) -> str:
+    def recompute_summary(self) -> str:
         """``model.layers.{0-12}`` (13 of 32 blocks) per stack of blocks."""
         if not self.recompute:
             return "nothing"
