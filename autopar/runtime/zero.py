@@ -132,7 +132,6 @@ class _ToDevice(torch.autograd.Function):
     @staticmethod
     def forward(ctx, p: DTensor) -> DTensor:  # type: ignore[override]
         mesh = p.device_mesh
-        ctx.spec = p._spec
         if p._local_tensor.device.type == mesh.device_type:
             return p.view_as(p)
         local = p._local_tensor.to(mesh.device_type, non_blocking=True)

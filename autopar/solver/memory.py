@@ -258,7 +258,7 @@ def build_memory_model(g: StrategyGraph) -> MemoryModel:
             _add(g, t, nc, _backward_bytes(g, nc))
             seg.transients.setdefault(_expr_key(t), t)
             args = tensor_args(nc.node)
-            for k in _kept(g, nc).inputs:
+            for k in kept_by(g, nc).inputs:
                 if args[k].name not in g.nodes:
                     continue
                 if (args[k].name, name, k) in ilp_edges:
@@ -327,7 +327,8 @@ def _add_inner_copy(g: StrategyGraph, seg: Segment, src: NodeChoices, nc: NodeCh
         seg.transients.setdefault(_expr_key(t), t)
 
 
-def _kept(g: StrategyGraph, nc: NodeChoices):
+def kept_by(g: StrategyGraph, nc: NodeChoices):
+    """What op ``nc`` keeps for backward, given which of its inputs need gradients."""
     args = tensor_args(nc.node)
     return saved_for_backward(nc.node, args, [_requires_grad(g, a) for a in args])
 
@@ -338,7 +339,7 @@ def _backward_bytes(g: StrategyGraph, nc: NodeChoices) -> list[float]:
     args = tensor_args(nc.node)
     grads = [k for k, a in enumerate(args) if _requires_grad(g, a)]
     out = _out_bytes(g, nc)
-    extra = _kept(g, nc).extra_bytes
+    extra = kept_by(g, nc).extra_bytes
     res = []
     for b, s in zip(out, nc.strategies):
         ins = sum(
@@ -383,7 +384,7 @@ def _saved_bytes(g: StrategyGraph, nc: NodeChoices, output_saved: bool) -> list[
     out = _out_bytes(g, nc) if output_saved else [0.0] * len(nc.strategies)
     if nc.kind != "op":
         return out
-    extra = _kept(g, nc).extra_bytes
+    extra = kept_by(g, nc).extra_bytes
     if not extra:
         return out
     return [b + extra / math.prod(g.mesh_shape[i] for i in split_axes(s)) for b, s in zip(out, nc.strategies)]
@@ -458,7 +459,7 @@ def _saved_storages(g: StrategyGraph, storage: dict[str, int]) -> set[str]:
         if nc.kind != "op" or not nc.requires_grad:
             continue
         args = tensor_args(nc.node)
-        kept = _kept(g, nc)
+        kept = kept_by(g, nc)
         for k in kept.inputs:
             if args[k].name in base_of:
                 saved.add(base_of[args[k].name])

@@ -37,8 +37,8 @@ from torch.distributed.tensor import Replicate, Shard
 
 from autopar.cost.comm import copy_time_s, redistribute_time_s
 from autopar.cost.compute import host_optimizer_step_s
-from autopar.cost.memory import saved_for_backward
 from autopar.solver.graph import EdgeUse, StrategyGraph, master_itemsize
+from autopar.solver.memory import kept_by
 from autopar.solver.rules.base import tensor_args
 from autopar.solver.specs import Spec, local_numel, no_partial
 
@@ -134,7 +134,7 @@ def _leaf_mode(g, leaf, consumer, k: int, j: int, mode: str) -> tuple[int, str, 
         return have, "", 0.0, 0
     if mode == "offload" and g.hw.host_link is None:
         return have, "", 0.0, 0
-    if mode == "zero3" and (leaf.strategies[at].out == need or not _keeps(g, consumer, k)):
+    if mode == "zero3" and (leaf.strategies[at].out == need or k not in kept_by(g, consumer).inputs):
         return have, "", 0.0, 0  # nothing gathered, or nothing kept: as zero2
     e = EdgeUse(leaf.name, consumer.name, k)
     v = leaf.node.meta["val"]
@@ -169,13 +169,6 @@ def _sharded_storage(g, leaf, consumer, k: int, want, need: Spec) -> int | None:
         cand = (-sharded, t, i)
         best = cand if best is None or cand < best else best
     return None if best is None else best[2]
-
-
-def _keeps(g, consumer, k: int) -> bool:
-    """Whether the consumer keeps its argument ``k`` for backward."""
-    args = tensor_args(consumer.node)
-    req = [a.name in g.nodes and g.nodes[a.name].requires_grad for a in args]
-    return k in saved_for_backward(consumer.node, args, req).inputs
 
 
 def param_mode(g: StrategyGraph, nc, j: int) -> str:
