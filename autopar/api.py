@@ -32,11 +32,13 @@ def make_plan(
     time_limit_s: float | None = None,
     mixed_precision: str | None = None,
     progress: Callable[[str], None] | None = None,
+    profile: str | None = None,
 ) -> Plan:
     """Plan offline: no ranks, no real memory (the model and inputs may be on the meta device).
     ``mixed_precision="bf16"`` (or ``"fp16"``) computes in that dtype and keeps master weights,
     gradients and AdamW moments in the model's dtype. ``progress`` hears each phase's name
-    (the CLI shows them; a library call is quiet)."""
+    (the CLI shows them; a library call is quiet). ``profile``: a profile database
+    (``autopar profile``, :func:`profile_model`) whose measurements for ``gpu`` price the plan."""
     if progress is not None:
         progress("tracing")
     t0 = time.perf_counter()
@@ -52,6 +54,7 @@ def make_plan(
         mixed_precision=mixed_precision or "",
         timings_s={"trace_s": time.perf_counter() - t0},
         progress=progress,
+        profile=profile,
     )
 
 
@@ -66,6 +69,7 @@ def autoparallelize(
     strategy: str = "auto",
     plan: Plan | None = None,
     mixed_precision: str | None = None,
+    profile: str | None = None,
 ) -> nn.Module:
     """Trace, plan (or check ``plan``), and emit the distributed module for this rank.
 
@@ -92,6 +96,7 @@ def autoparallelize(
                 memory_budget=memory_budget,
                 strategy=strategy,
                 mixed_precision=precision or "",
+                profile=profile,
             ),
             device_mesh,
         )

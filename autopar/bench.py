@@ -24,6 +24,7 @@ from typing import Any
 import torch.nn as nn
 
 from autopar.api import param_dtype
+from autopar.cost import profile_db
 from autopar.errors import AutoparError, InfeasibleBudgetError
 from autopar.runtime.local_mesh import run_gloo
 from autopar.solver.planner import plan_traced
@@ -73,10 +74,13 @@ def compare(
     memory_budget: int | str | None = None,
     mixed_precision: str | None = None,
     progress: Callable[[str], None] | None = None,
+    profile: str | None = None,
 ) -> list[BenchRow]:
     """Plan ``model`` under each strategy on ``mesh_shape``, or on each of several mesh shapes
     (no ranks; meta tensors are fine). The model is traced once; ``progress`` hears each row."""
     say = progress or (lambda phase: None)
+    if profile:  # a database that cannot price this gpu fails once, not in every row
+        profile_db.load(profile, gpu)
     say("tracing")
     traced = trace(model, (), example_kwargs, param_dtype(mixed_precision))
     meshes = [tuple(m) for m in mesh_shape] if isinstance(mesh_shape[0], Sequence) else [tuple(mesh_shape)]
@@ -84,11 +88,13 @@ def compare(
     for mesh in meshes:
         for strategy in strategies:
             say(f"planning {strategy} on {'x'.join(map(str, mesh))}")
-            rows.append(_row(traced, mesh, strategy, gpu, memory_budget, mixed_precision))
+            rows.append(_row(traced, mesh, strategy, gpu, memory_budget, mixed_precision, profile))
     return rows
 
 
-def _row(traced, mesh: tuple[int, ...], strategy: str, gpu: str, memory_budget, mixed_precision) -> BenchRow:
+def _row(
+    traced, mesh: tuple[int, ...], strategy: str, gpu: str, memory_budget, mixed_precision, profile
+) -> BenchRow:
     t0 = time.perf_counter()
     try:
         plan = plan_traced(
@@ -98,6 +104,7 @@ def _row(traced, mesh: tuple[int, ...], strategy: str, gpu: str, memory_budget, 
             memory_budget=memory_budget,
             strategy=strategy,
             mixed_precision=mixed_precision or "",
+            profile=profile,
         )
     except InfeasibleBudgetError as exc:
         return BenchRow(strategy, mesh, plan_s=time.perf_counter() - t0, problem=f"does not fit: {exc}")

@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         "--mixed-precision", choices=("bf16", "fp16"), default=None, help="compute dtype; masters stay"
     )
     p.add_argument("--time-limit", type=float, default=None, help="solver time limit, seconds")
+    p.add_argument("--profile", metavar="DB", help="price with the measurements in this profile database")
     p.add_argument("-o", "--output", help="write the plan as JSON")
     b = sub.add_parser("bench", help="compare classic strategies and auto on one mesh (offline)")
     b.add_argument("model", help="as for plan")
@@ -95,8 +96,20 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also measure each plan's step on a local CPU mesh (gloo; --size tiny)",
     )
+    b.add_argument("--profile", metavar="DB", help="price with the measurements in this profile database")
     b.add_argument("--json", help="write the table as JSON")
     b.add_argument("--plot", help="draw step time and peak memory per strategy (PNG; needs matplotlib)")
+    f = sub.add_parser(
+        "profile", help="measure ops and collectives on the mesh's devices into a profile database"
+    )
+    f.add_argument("model", help="as for plan")
+    f.add_argument("--size", choices=("real", "tiny"), default="real")
+    f.add_argument("--mesh", type=_mesh, default=(2, 2))
+    f.add_argument("--batch", type=int, default=8)
+    f.add_argument("--seq", type=int, default=128)
+    f.add_argument("--mixed-precision", choices=("bf16", "fp16"), default=None)
+    f.add_argument("--repeats", type=int, default=3, help="timed calls per measurement (median)")
+    f.add_argument("--db", default="autopar-profile.json", help="the database to merge into")
     s = sub.add_parser("show", help="print the report of a saved plan")
     s.add_argument("plan")
     s.add_argument("--explain", metavar="NODE", help="why NODE has its layout, and what was turned down")
@@ -135,6 +148,8 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "bench":
         return _bench(args)
+    if args.command == "profile":
+        return _profile(args)
     from autopar.api import make_plan
 
     model, kwargs = _model(args.model, args.batch, args.seq, args.size)
@@ -150,6 +165,7 @@ def _run(args: argparse.Namespace) -> int:
         time_limit_s=args.time_limit,
         mixed_precision=args.mixed_precision,
         progress=progress,
+        profile=args.profile,
     )
     progress.done()
     print(plan.report())
@@ -183,13 +199,10 @@ def _bench(args: argparse.Namespace) -> int:
         memory_budget=args.memory_budget,
         mixed_precision=args.mixed_precision,
         progress=progress,
+        profile=args.profile,
     )
     progress.done()
     if args.run:
-        if args.size != "tiny" or args.devices:
-            raise AutoparError(
-                "--run builds the model on every local rank: use it with --size tiny and --mesh"
-            )
         bench.measure(rows, _model, (args.model, args.batch, args.seq, "tiny", "cpu"))
     mesh = f"{args.devices} devices" if args.devices else "x".join(map(str, args.mesh))
     print(f"{args.model} on {mesh} ({args.gpu}), batch {args.batch}, seq {args.seq}")
@@ -203,6 +216,53 @@ def _bench(args: argparse.Namespace) -> int:
         except ImportError:
             raise AutoparError("--plot needs matplotlib: pip install 'autopar[plot]'") from None
         print(f"chart written to {args.plot}")
+    return 0
+
+
+def _profile(args: argparse.Namespace) -> int:
+    """Under torchrun (``RANK`` set) profile this job's GPUs; else a local CPU mesh over gloo."""
+    import os
+
+    from autopar.cost import profiler
+
+    if "RANK" in os.environ:
+        import torch.distributed as dist
+        from torch.distributed.device_mesh import init_device_mesh
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+        if device == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.manual_seed(0)
+        model, kwargs = _model(args.model, args.batch, args.seq, args.size, device)
+        mesh = init_device_mesh(device, args.mesh)
+        progress = Progress() if dist.get_rank() == 0 else None
+        summary = profiler.profile_model(
+            model,
+            kwargs,
+            mesh,
+            args.db,
+            repeats=args.repeats,
+            mixed_precision=args.mixed_precision,
+            progress=progress,
+        )
+        speak = dist.get_rank() == 0
+        dist.destroy_process_group()
+        if not speak:
+            return 0
+    else:
+        build_args = (args.model, args.batch, args.seq, args.size, "cpu")
+        summary = profiler.profile_local(
+            _model, build_args, args.mesh, args.db, repeats=args.repeats, progress=True
+        )
+        progress = None
+    if progress is not None:
+        progress.done()
+    print(
+        f"{summary['signatures']} distinct op signatures ({summary['measured']} measured), "
+        f"{summary['collectives']} collective fits, in {summary['seconds']:.1f} s on {summary['device']} "
+        f"({', '.join(f'{k[:-2]} {v:.1f} s' for k, v in summary['phases_s'].items())}); merged into {args.db}"
+    )
     return 0
 
 

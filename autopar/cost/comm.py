@@ -38,8 +38,19 @@ class CommStep:
     time_s: float
 
 
+#: the steps of a layout change (the table above)
+MOVE_KINDS = ("all_reduce", "reduce_scatter", "all_gather", "all_to_all", "slice", "local")
+
+
 def collective_time_s(kind: str, nbytes: float, n: int, link: Link) -> float:
-    if n <= 1 or kind in ("slice", "local"):
+    """The link's fitted line for ``kind`` where one was measured (a profile: it holds the
+    runtime's own cost of the local steps too), else ring alpha-beta (local steps free)."""
+    if n <= 1:
+        return 0.0
+    for k, alpha_s, s_per_byte in link.fitted:
+        if k == kind:
+            return alpha_s + s_per_byte * nbytes
+    if kind in ("slice", "local"):
         return 0.0
     frac = (n - 1) / n
     if kind == "all_reduce":

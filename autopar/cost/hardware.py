@@ -25,6 +25,8 @@ from autopar.errors import UnknownGPUError
 class Link:
     alpha_s: float
     bytes_per_s: float
+    #: ``(kind, alpha_s, s_per_byte)`` per collective kind measured on this link (``cost.profile_db``)
+    fitted: tuple[tuple[str, float, float], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -93,6 +93,11 @@ def reshard(x: DTensor, spec: str) -> DTensor:
         for p, q in zip(target, x.placements)
     )
     if step != tuple(x.placements):
+        if not x.to_local().is_contiguous():
+            # a collective's result is a new contiguous tensor, but DTensor keeps the input's
+            # global strides on it; the gradient then carries strides its local tensor lacks,
+            # and a view of it in backward fails. Contiguous first keeps them in step.
+            x = x.contiguous()
         x = x.redistribute(mesh, step)
     if step != target:
         x = _ToPartial.apply(x, target)

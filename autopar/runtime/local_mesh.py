@@ -1,7 +1,9 @@
 """Run a function on N local CPU processes joined over gloo: the stand-in for a GPU mesh
 used by the demo and the distributed tests.
 
-Each worker ends with barrier, ``destroy_process_group``, flushed output and ``os._exit``:
+Each worker computes on one thread (``torch.set_num_threads(1)``): the ranks share the
+machine's cores, and more threads than cores makes every timing and every collective's
+latency erratic. Each worker ends with barrier, ``destroy_process_group``, flushed output and ``os._exit``:
 gloo processes can abort at interpreter exit otherwise. A failing rank's traceback is
 raised in the parent.
 """
@@ -17,6 +19,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -38,6 +41,7 @@ def _worker(rank: int, fn: Callable[..., None], args: tuple, tmp: str, world: in
     # DTensor notes that a 2-D mesh gathers axis by axis; expected on CPU meshes.
     logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
     code = 0
+    torch.set_num_threads(1)
     try:
         dist.init_process_group(
             "gloo",

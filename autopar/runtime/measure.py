@@ -1,10 +1,13 @@
 """Measure the peak memory of a training step on this process, with the allocator's own count.
 
 ``torch.profiler`` with ``profile_memory=True`` records every allocation and free of the
-CPU allocator. :func:`step_peak_bytes` runs a warm-up step and the measured step inside one
-profile (so every block the measured step frees was allocated, and counted, inside it), and
-returns the bytes live when the measured step starts plus the largest rise of the running
-total during it. This is how the memory model (``solver.memory``) is checked on the CPU mesh.
+CPU allocator. :func:`step_peak_bytes` runs a warm-up step and then measured steps inside one
+profile (so every block a measured step frees was allocated, and counted, inside it); a step's
+peak is the bytes live when it starts plus the largest rise of the running total during it.
+A collective's buffers (gloo's copies of its inputs, the result of an all-gather) are freed
+when gloo's worker thread finishes with them, so a step's peak varies with thread scheduling
+(by up to ~15% on tiny models on a loaded 2-core machine); the median over the measured steps
+is the measure. This is how the memory model (``solver.memory``) is checked on the CPU mesh.
 """
 
 from __future__ import annotations
@@ -32,37 +35,54 @@ def live_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
     return sum(seen.values())
 
 
-def step_peak_bytes(step: Callable[[], None], between: Callable[[], None], live: Callable[[], int]) -> int:
-    """Peak bytes of the second of two ``step()`` calls; ``between()`` runs after the first
-    (``opt.zero_grad``) and ``live()`` then counts the bytes live as the second starts. The
-    garbage collector is paused, so freeing does not depend on when Python collects."""
+def step_peak_bytes(
+    step: Callable[[], None], between: Callable[[], None], live: Callable[[], int], repeats: int = 3
+) -> int:
+    """The median peak bytes of ``repeats`` ``step()`` calls after a warm-up one; ``between()``
+    runs before each measured step (``opt.zero_grad``) and ``live()`` then counts the bytes live
+    as it starts. The garbage collector is paused, so freeing does not depend on when Python
+    collects."""
     gc.collect()
     gc.disable()
+    start_bytes = []
     try:
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             step()
-            between()
-            start_bytes = live()
-            with record_function(_MARK):
-                step()
+            for _ in range(repeats):
+                between()
+                start_bytes.append(live())
+                with record_function(_MARK):
+                    step()
     finally:
         gc.enable()
-    allocations, window = [], None
+    allocations, windows = [], []
     stack = list(prof.profiler.kineto_results.experimental_event_tree())
     while stack:
         e = stack.pop()
         if e.tag == _EventType.Allocation:
-            allocations.append((e.start_time_ns, e.extra_fields.alloc_size))
+            allocations.append((e.start_time_ns, e.extra_fields.total_allocated))
         elif e.name == _MARK:
-            window = (e.start_time_ns, e.end_time_ns)
+            windows.append((e.start_time_ns, e.end_time_ns))
         stack.extend(e.children)
-    if window is None:
-        raise RuntimeError("the profiler recorded no measured step")
-    total = base = rise = 0
-    for t, size in sorted(allocations):
+    if len(windows) != repeats:
+        raise RuntimeError(f"the profiler recorded {len(windows)} of {repeats} measured steps")
+    windows.sort()
+    allocations.sort()
+    peaks = [start + _largest_rise(allocations, w) for start, w in zip(start_bytes, windows)]
+    return sorted(peaks)[len(peaks) // 2]
+
+
+def _largest_rise(allocations: list[tuple[int, int]], window: tuple[int, int]) -> int:
+    """The largest rise of the allocator's running total within ``window`` above its value when
+    the window opens. ``allocations``: ``(time, running total after the event)``, sorted by
+    time; the allocator keeps the total under its lock, so it is exact where events of
+    several threads (gloo's workers free buffers too) carry nearly equal times."""
+    base = rise = 0
+    for t, total in allocations:
         if t < window[0]:
-            base = total = total + size
+            base = total
         elif t <= window[1]:
-            total += size
             rise = max(rise, total - base)
-    return start_bytes + rise
+        else:
+            break
+    return rise

@@ -23,7 +23,6 @@ over them; a root of a block identical to an earlier one *shares* that block's d
 from __future__ import annotations
 
 import functools
-import math
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,9 +32,10 @@ import torch.fx as fx
 from torch.distributed.tensor import Partial, Replicate, Shard
 
 from autopar.cost.comm import redistribute_bytes, redistribute_time_s
-from autopar.cost.compute import BACKWARD_OVER_FORWARD, optimizer_step_s, roofline_s
 from autopar.cost.hardware import Hardware, Link
 from autopar.cost.memory import ADAMW_STATES_PER_PARAM
+from autopar.cost.pricing import Pricing
+from autopar.cost.profile_db import Profile
 from autopar.errors import ShardingError
 from autopar.solver import rules
 from autopar.solver.repeats import share_decisions, val_key
@@ -90,6 +90,8 @@ class StrategyGraph:
     shared: dict[str, str] = field(default_factory=dict)
     #: one line per stack of repeated blocks that share decisions
     shared_blocks: list[str] = field(default_factory=list)
+    #: where the prices came from (the hardware table, or a profile database)
+    pricing: Pricing | None = None
 
     def decision(self, root: str) -> str:
         """The root whose ILP decision ``root`` takes (itself unless it is shared)."""
@@ -108,8 +110,8 @@ class StrategyGraph:
 
     @functools.cached_property
     def links(self) -> tuple[Link, ...]:
-        """The link each mesh axis communicates over."""
-        return self.hw.axis_links(self.mesh_shape)
+        """The link each mesh axis communicates over (with measured collectives, if profiled)."""
+        return (self.pricing or Pricing(self.hw)).links(self.mesh_shape)
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -193,10 +195,13 @@ def build(
     pin: Pin | None = None,
     *,
     share_blocks: bool = True,
+    profile: Profile | None = None,
 ) -> StrategyGraph:
     """The strategy graph of ``gm`` on ``mesh_shape``; with ``share_blocks``, identical
-    repeated blocks share their decisions (see ``solver.repeats``)."""
+    repeated blocks share their decisions (see ``solver.repeats``); with ``profile``, ops,
+    optimizer steps and collectives are priced from its measurements where it has them."""
     mesh_shape = tuple(mesh_shape)
+    pricing = Pricing(hw, profile)
     nodes: dict[str, NodeChoices] = {}
     memo = _Memo()
     for node in gm.graph.nodes:
@@ -211,13 +216,13 @@ def build(
                 nc.strategies = pin(nc, nc.strategies)
             if nc.kind == "op":
                 nc.strategies = _reachable(nc, nodes)
-            _reprice(nc, mesh_shape, hw)
+            _reprice(nc, mesh_shape, pricing, nodes)
             if not nc.strategies:
                 raise ShardingError(_no_strategy_message(nc, mesh_shape))
             hit = memo.choices[key] = (nc.strategies, nc.cost_s, nc.memory_bytes)
         nc.strategies, nc.cost_s, nc.memory_bytes = hit
         nodes[node.name] = nc
-    g = StrategyGraph(mesh_shape, hw, nodes, {}, {}, [])
+    g = StrategyGraph(mesh_shape, hw, nodes, {}, {}, [], pricing=pricing)
     _merge(g, memo)
     if share_blocks:
         share_decisions(g, gm.graph)
@@ -300,22 +305,23 @@ def _strategies(nc: NodeChoices, mesh_shape, nodes) -> list[Strategy]:
     return [Strategy(s, ()) for s in specs if divides(s, v.shape, mesh_shape)]
 
 
-def _reprice(nc: NodeChoices, mesh_shape, hw: Hardware) -> None:
+def _reprice(nc: NodeChoices, mesh_shape, pricing: Pricing, nodes: dict[str, NodeChoices]) -> None:
     nc.cost_s, nc.memory_bytes = [], []
     v = nc.node.meta["val"]
     outs = [v] if isinstance(v, torch.Tensor) else [t for t in v if isinstance(t, torch.Tensor)]
+    grads = [a.name in nodes and nodes[a.name].requires_grad for a in tensor_args(nc.node)]
     for s in nc.strategies:
         out_bytes = sum(local_numel(t.shape, s.out, mesh_shape) * t.element_size() for t in outs)
         if nc.kind == "param":
             n = local_numel(v.shape, s.out, mesh_shape)
-            nc.cost_s.append(optimizer_step_s(n, master_itemsize(nc.node), hw))
+            nc.cost_s.append(pricing.optimizer_s(n, master_itemsize(nc.node), mesh_shape))
             # master weight and AdamW moments, in the master dtype
             nc.memory_bytes.append((1 + ADAMW_STATES_PER_PARAM) * n * master_itemsize(nc.node))
         elif nc.kind != "op":
             nc.cost_s.append(0.0)
             nc.memory_bytes.append(out_bytes if nc.kind != "getitem" else 0)
         else:
-            nc.cost_s.append(_compute_s(nc, s, out_bytes, mesh_shape, hw))
+            nc.cost_s.append(pricing.op_s(nc.node, s, grads, nc.requires_grad, out_bytes, mesh_shape))
             nc.memory_bytes.append(0)  # activations: solver.memory
 
 
@@ -324,20 +330,6 @@ def master_itemsize(node: fx.Node) -> int:
     dtype, or under mixed precision the dtype it is kept in (``tracer.MASTER_DTYPE``)."""
     master = node.meta.get(MASTER_DTYPE)
     return master.itemsize if master is not None else node.meta["val"].element_size()
-
-
-def _compute_s(nc: NodeChoices, s: Strategy, out_bytes: int, mesh_shape, hw: Hardware) -> float:
-    node = nc.node
-    shard_axes = {i for spec in (s.out,) + s.ins for i, p in enumerate(spec) if isinstance(p, Shard)}
-    flops = rules.forward_flops(node) / math.prod(mesh_shape[i] for i in shard_axes)
-    in_bytes = sum(
-        local_numel(a.meta["val"].shape, spec, mesh_shape) * a.meta["val"].element_size()
-        for a, spec in zip(tensor_args(node), s.ins)
-    )
-    v = node.meta["val"]
-    dtype = v.dtype if isinstance(v, torch.Tensor) else v[0].dtype
-    fwd = roofline_s(flops, in_bytes + out_bytes, dtype, hw)
-    return fwd * (1 + BACKWARD_OVER_FORWARD) if nc.requires_grad else fwd
 
 
 def _no_strategy_message(nc: NodeChoices, mesh_shape) -> str:
@@ -476,8 +468,9 @@ def output_names(g: StrategyGraph) -> set[str]:
 def output_cost_s(g: StrategyGraph, nc: NodeChoices, spec: Spec) -> float:
     """Outputs are handed back without partial sums: a partial output is all-reduced."""
     v = nc.node.meta["val"]
-    links = g.hw.axis_links(g.mesh_shape)
-    return redistribute_time_s(spec, no_partial(spec), tuple(v.shape), v.element_size(), g.mesh_shape, links)
+    return redistribute_time_s(
+        spec, no_partial(spec), tuple(v.shape), v.element_size(), g.mesh_shape, g.links
+    )
 
 
 def _price_outputs(g: StrategyGraph) -> None:

@@ -68,6 +68,9 @@ class Plan:
     recompute: list[str] = field(default_factory=list)
     #: per decision, the strategies the ILP turned down, cheapest first (``solver.explain``)
     alternatives: dict = field(default_factory=dict)
+    #: where the prices came from: the hardware table, or a profile database (its device,
+    #: the ops priced from measurements and those estimated, the collectives measured)
+    costs: dict = field(default_factory=dict)
     solver: dict = field(default_factory=dict)
     timings_s: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION

@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 
 import torch.fx as fx
 
+from autopar.cost import profile_db
 from autopar.cost.hardware import get_hardware
 from autopar.cost.units import parse_bytes
 from autopar.errors import AutoparError
@@ -24,6 +25,7 @@ from autopar.solver.graph import (
 )
 from autopar.solver.pinned import PARAM_MODES, pin_for
 from autopar.solver.plan import NodePlan, Plan, fingerprint, graph_signature
+from autopar.solver.rules.base import tensor_args
 from autopar.solver.specs import short
 from autopar.solver.zero import add_param_modes, param_mode
 from autopar.tracer import Traced
@@ -41,8 +43,10 @@ def plan_traced(
     mixed_precision: str = "",
     timings_s: dict[str, float] | None = None,
     progress: Callable[[str], None] | None = None,
+    profile: str | None = None,
 ) -> Plan:
-    """Plan a traced model; ``progress`` (the CLI's) hears each phase's name."""
+    """Plan a traced model; ``progress`` (the CLI's) hears each phase's name; ``profile``: a
+    profile database (``cost.profile_db``) whose measurements for ``gpu`` price the plan."""
     say = progress or (lambda phase: None)
     hw = get_hardware(gpu)
     if strategy == "zero-offload" and hw.host_link is None:
@@ -53,7 +57,8 @@ def plan_traced(
     timings = dict(timings_s or {})
     t0 = time.perf_counter()
     say("strategies and costs")
-    g = build(traced.gm, mesh_shape, hw, traced.trainable, pin_for(strategy))
+    prof = profile_db.load(profile, hw.name) if profile else None
+    g = build(traced.gm, mesh_shape, hw, traced.trainable, pin_for(strategy), profile=prof)
     if strategy in PARAM_MODES:
         add_param_modes(g, PARAM_MODES[strategy])
     elif memory_budget is not None:  # ZeRO-3 and offload only ever buy memory
@@ -89,6 +94,7 @@ def plan_traced(
         memory={k: v if isinstance(v, str) else int(v) for k, v in sol.memory.items()},
         recompute=sorted(sol.recomputed, key=_block_order),
         alternatives=alternatives(g, sol.choice),
+        costs=cost_sources(g, sol.choice),
         fallback_ops=fallback,
         solver={
             "status": sol.status,
@@ -103,6 +109,30 @@ def plan_traced(
         },
         timings_s=timings,
     )
+
+
+def cost_sources(g: StrategyGraph, choice: dict[str, int]) -> dict:
+    """Which of the chosen strategies' prices were measured (a profile) and which estimated."""
+    prof = g.pricing.profile if g.pricing else None
+    if prof is None:
+        return {"source": f"hardware table ({g.hw.name})"}
+    estimated = []
+    for name, nc in g.nodes.items():
+        if nc.kind == "op":
+            grads = [a.name in g.nodes and g.nodes[a.name].requires_grad for a in tensor_args(nc.node)]
+            sig = profile_db.op_signature(nc.node, g.spec_of(name, choice).ins, grads, g.mesh_shape)
+            if prof.op_s(sig) is None:
+                estimated.append(name)
+    n_ops = sum(nc.kind == "op" for nc in g.nodes.values())
+    links = g.links
+    return {
+        "source": f"profile {prof.path}",
+        "device": prof.key,
+        "measured_ops": n_ops - len(estimated),
+        "estimated_ops": estimated,
+        "collectives_measured": {f"axis{i}": [k for k, _, _ in link.fitted] for i, link in enumerate(links)},
+        "optimizer_measured": prof.optimizer_s(g.mesh_shape, 0) is not None,
+    }
 
 
 def _block_order(block: str) -> tuple[str, int]:

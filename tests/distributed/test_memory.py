@@ -70,7 +70,7 @@ def _case(name: str, budget: int | None) -> dict:
 
 
 def _measured_peak(pm, inputs) -> int:
-    """The peak of an AdamW training step (after a warm-up step)."""
+    """The peak of an AdamW training step (the median of three, after a warm-up step)."""
     opt = torch.optim.AdamW(pm.parameters(), lr=1e-4)
 
     def step() -> None:

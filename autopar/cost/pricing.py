@@ -1,0 +1,82 @@
+"""The prices the strategy graph asks for: an op under a strategy, a parameter's optimizer step,
+each mesh axis's links. From the hardware table (roofline, alpha-beta), or, given a profile
+database (``cost.profile_db``), from what was measured on the device, with the roofline
+fitted to the measurements for the rest. The plan records which were measured."""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+from torch.distributed.tensor import Shard
+
+from autopar.cost.compute import BACKWARD_OVER_FORWARD, optimizer_step_s, roofline_s
+from autopar.cost.hardware import Hardware, Link
+from autopar.cost.profile_db import Profile, op_signature
+from autopar.solver import rules
+from autopar.solver.rules.base import Strategy, tensor_args
+from autopar.solver.specs import local_numel
+
+
+@dataclass
+class Pricing:
+    hw: Hardware
+    profile: Profile | None = None
+    #: op nodes priced from the profile / estimated (names), filled as ops are priced
+    measured: set[str] = field(default_factory=set)
+    estimated: set[str] = field(default_factory=set)
+
+    @functools.cached_property
+    def _fallback(self) -> tuple[float, float]:
+        return self.profile.fallback(self.hw) if self.profile else (0.0, 1.0)
+
+    def links(self, mesh_shape: Sequence[int]) -> tuple[Link, ...]:
+        if self.profile is None:
+            return self.hw.axis_links(mesh_shape)
+        return self.profile.axis_links(mesh_shape, self.hw)
+
+    def optimizer_s(self, numel: int, itemsize: int, mesh_shape: Sequence[int]) -> float:
+        """One parameter's AdamW step (``numel`` elements of ``itemsize`` bytes on this device)."""
+        measured = self.profile.optimizer_s(mesh_shape, numel * itemsize) if self.profile else None
+        return measured if measured is not None else optimizer_step_s(numel, itemsize, self.hw)
+
+    def op_s(
+        self,
+        node: fx.Node,
+        s: Strategy,
+        grads: Sequence[bool],
+        requires_grad: bool,
+        out_bytes: int,
+        mesh_shape: Sequence[int],
+    ) -> float:
+        """Forward (and, when a gradient flows, backward) time of ``node`` under ``s``."""
+        if self.profile is not None:
+            hit = self.profile.op_s(op_signature(node, s.ins, grads, mesh_shape))
+            if hit is not None:
+                self.measured.add(node.name)
+                fwd, bwd = hit
+                return fwd + (bwd or 0.0) if requires_grad else fwd
+            self.estimated.add(node.name)
+        flops, nbytes, dtype = work(node, s, out_bytes, mesh_shape)
+        overhead_s, efficiency = self._fallback
+        fwd = overhead_s + roofline_s(flops, nbytes, dtype, self.hw) / efficiency
+        return fwd * (1 + BACKWARD_OVER_FORWARD) if requires_grad else fwd
+
+
+def work(
+    node: fx.Node, s: Strategy, out_bytes: int, mesh_shape: Sequence[int]
+) -> tuple[float, int, torch.dtype]:
+    """(FLOPs, bytes read and written, dtype) of one device's share of ``node`` under ``s``."""
+    shard_axes = {i for spec in (s.out,) + s.ins for i, p in enumerate(spec) if isinstance(p, Shard)}
+    flops = rules.forward_flops(node) / math.prod(mesh_shape[i] for i in shard_axes)
+    in_bytes = sum(
+        local_numel(a.meta["val"].shape, spec, mesh_shape) * a.meta["val"].element_size()
+        for a, spec in zip(tensor_args(node), s.ins)
+    )
+    v = node.meta["val"]
+    dtype = v.dtype if isinstance(v, torch.Tensor) else v[0].dtype
+    return flops, in_bytes + out_bytes, dtype

@@ -1,0 +1,424 @@
+"""Measure, on the devices of a mesh, what the cost model prices (``autopar profile``).
+
+Every rank of the mesh runs the same measurements at the same time, so each is taken under
+the conditions of a training step (on a CPU mesh, the ranks share the cores; on GPUs, each
+has its own), and the slowest rank's time is kept:
+
+- **ops**: every distinct signature (``cost.profile_db.op_signature``) that some strategy of
+  some node needs, once: DTensor inputs of random values in the strategy's input layouts,
+  called the way the emitted module calls the op (through DTensor, or on local shards for
+  ``LOCAL_OPS``), forward alone and forward with backward; median of ``repeats`` after a
+  warm-up. Identical repeated blocks have identical signatures, so depth adds nothing.
+- **collectives**: each kind a layout change uses (all-reduce, reduce-scatter, all-gather,
+  all-to-all) on each mesh axis, as ``DTensor.redistribute`` over a sweep of sizes; a line
+  ``alpha + beta * bytes`` fitted per axis and kind.
+- **optimizer**: an AdamW step over parameters of a sweep of sizes; a line per parameter.
+
+Times are wall clock on CPU and CUDA events' span (synchronized) on GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.fx as fx
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+
+from autopar.cost.comm import MOVE_KINDS
+from autopar.cost.hardware import get_hardware
+from autopar.cost.pricing import work
+from autopar.cost.profile_db import device_key, fit_alpha_beta, merge, mesh_key, op_signature
+from autopar.errors import AutoparError
+from autopar.passes.layouts import runs_locally
+from autopar.runtime.layout import reshard
+from autopar.runtime.local_mesh import run_gloo
+from autopar.runtime.local_ops import local_call
+from autopar.solver.graph import build
+from autopar.solver.rules.base import Strategy, is_tensor_node, tensor_args
+from autopar.solver.specs import local_shape, short
+from autopar.tracer import Traced, trace
+
+#: local bytes per collective call in the sweep (CPU meshes stop lower: gloo is slow)
+SWEEP_BYTES = (1 << 12, 1 << 14, 1 << 16, 1 << 18, 1 << 20, 1 << 22)
+SWEEP_BYTES_GPU = SWEEP_BYTES + (1 << 24, 1 << 26, 1 << 28)
+
+
+@dataclass(frozen=True)
+class OpTask:
+    signature: str
+    node: fx.Node
+    strategy: Strategy
+    grads: tuple[bool, ...]
+    requires_grad: bool
+
+
+def op_tasks(traced: Traced, mesh_shape: Sequence[int]) -> list[OpTask]:
+    """One task per distinct op signature over every strategy of every node, in graph order."""
+    g = build(traced.gm, mesh_shape, get_hardware("cpu"), traced.trainable)
+    tasks: dict[str, OpTask] = {}
+    for nc in g.nodes.values():
+        if nc.kind != "op":
+            continue
+        grads = tuple(a.name in g.nodes and g.nodes[a.name].requires_grad for a in tensor_args(nc.node))
+        for s in nc.strategies:
+            sig = op_signature(nc.node, s.ins, grads, mesh_shape)
+            if sig not in tasks:
+                tasks[sig] = OpTask(sig, nc.node, s, grads, nc.requires_grad)
+    return list(tasks.values())
+
+
+#: a measurement's calls stop at this much time (after one): a slow op needs fewer repeats
+ENOUGH_S = 0.025
+
+
+class _Clock:
+    """Seconds per call of ``fn``: the median of up to ``repeats`` calls, on every rank at once,
+    the slowest rank's kept (by the caller). A warm-up call comes first (unless the caller
+    has just made one); every rank then makes as many calls as the slowest rank's warm-up
+    says fit in ``ENOUGH_S`` (at least one), so all ranks call the same number of times (an op
+    may communicate inside)."""
+
+    def __init__(self, device: torch.device, repeats: int) -> None:
+        self.device = device
+        self.repeats = repeats
+        self.calls = repeats
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def __call__(self, fn: Callable[[], object], warm_up: bool = True) -> float:
+        if warm_up:
+            self._sync()
+            t0 = time.perf_counter()
+            fn()
+            self._sync()
+            warm = torch.tensor([time.perf_counter() - t0], dtype=torch.float64, device=self.device)
+            dist.all_reduce(warm, op=dist.ReduceOp.MAX)  # also lines the ranks up
+            self.calls = max(1, min(self.repeats, int(ENOUGH_S / max(warm.item(), 1e-9))))
+        times = []
+        for _ in range(self.calls):
+            self._sync()
+            t0 = time.perf_counter()
+            fn()
+            self._sync()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+
+def _slowest(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def _input(v: torch.Tensor, spec, grad: bool, mesh: DeviceMesh) -> DTensor:
+    shape = local_shape(v.shape, spec, mesh.shape)
+    if v.is_floating_point():
+        local = torch.randn(shape, dtype=v.dtype, device=mesh.device_type)
+        local.requires_grad_(grad)
+    elif v.dtype == torch.bool:
+        local = torch.ones(shape, dtype=v.dtype, device=mesh.device_type)
+    else:  # indices: 0 is valid for every table and class count
+        local = torch.zeros(shape, dtype=v.dtype, device=mesh.device_type)
+    return DTensor.from_local(local, mesh, spec, run_check=False, shape=v.shape, stride=v.stride())
+
+
+def _op_call(task: OpTask, mesh: DeviceMesh) -> Callable[[], object]:
+    node, s = task.node, task.strategy
+    it = iter(zip(s.ins, task.grads))
+
+    def make(a: fx.Node) -> object:
+        if not is_tensor_node(a):
+            return a.meta.get("val")
+        spec, grad = next(it)
+        return _input(a.meta["val"], spec, grad, mesh)
+
+    args, kwargs = fx.node.map_arg((node.args, node.kwargs), make)
+    if runs_locally(node):
+        return lambda: local_call(node.target, short(s.out), *args, **kwargs)
+    return lambda: node.target(*args, **kwargs)
+
+
+def _with_backward(call: Callable[[], object]) -> Callable[[], object]:
+    def run() -> None:
+        out = call()
+        outs = [out] if isinstance(out, torch.Tensor) else [t for t in out if isinstance(t, torch.Tensor)]
+        outs = [t for t in outs if t.requires_grad]
+        grads = [_grad_like(t) for t in outs]
+        torch.autograd.backward(outs, grads)
+
+    return run
+
+
+def _grad_like(t: torch.Tensor) -> torch.Tensor:
+    if not isinstance(t, DTensor):
+        return torch.randn_like(t)
+    placements = [Replicate() if p.is_partial() else p for p in t.placements]
+    local = torch.randn(local_shape(t.shape, tuple(placements), t.device_mesh.shape), dtype=t.dtype)
+    return DTensor.from_local(local.to(t.to_local().device), t.device_mesh, placements, run_check=False)
+
+
+def profile_ops(
+    tasks: list[OpTask], mesh: DeviceMesh, repeats: int = 3, progress: Callable[[str], None] | None = None
+) -> dict[str, dict]:
+    """Measure each task on every rank of ``mesh``; ``{signature: entry}`` for the database. A
+    task the op cannot run (it raises on every rank alike) is left out: it will be estimated."""
+    clock = _Clock(torch.device(mesh.device_type), repeats)
+    say = progress or (lambda phase: None)
+    measured: list[tuple[OpTask, float, float | None]] = []
+    for i, task in enumerate(tasks):
+        if i % 50 == 0:
+            say(f"ops {i}/{len(tasks)}")
+        try:
+            call = _op_call(task, mesh)
+            fwd = clock(call)
+            both = clock(_with_backward(call), warm_up=False) if task.requires_grad else None
+        except Exception:  # noqa: BLE001 - an op DTensor cannot run here stays estimated
+            continue
+        measured.append((task, fwd, None if both is None else max(both - fwd, 0.0)))
+    flat = [t for _, f, b in measured for t in (f, -1.0 if b is None else b)]
+    flat = _slowest(flat, torch.device(mesh.device_type)) if flat else []
+    out = {}
+    for k, (task, _, _) in enumerate(measured):
+        fwd, bwd = flat[2 * k], flat[2 * k + 1]
+        flops, nbytes, dtype = work(task.node, task.strategy, _out_bytes(task, mesh), mesh.shape)
+        out[task.signature] = {
+            "forward_s": fwd,
+            "backward_s": None if bwd < 0 else bwd,
+            "flops": flops,
+            "bytes": nbytes,
+            "dtype": str(dtype).removeprefix("torch."),
+        }
+    return out
+
+
+def _out_bytes(task: OpTask, mesh: DeviceMesh) -> int:
+    v = task.node.meta["val"]
+    outs = [v] if isinstance(v, torch.Tensor) else [t for t in v if isinstance(t, torch.Tensor)]
+    spec = task.strategy.out
+    return sum(
+        int(torch.Size(local_shape(t.shape, spec, mesh.shape)).numel()) * t.element_size() for t in outs
+    )
+
+
+_MOVES = {  # kind -> (from, to) on the measured axis, and whether B is the gathered size
+    "all_reduce": (Partial(), Replicate(), False),
+    "reduce_scatter": (Partial(), Shard(0), False),
+    "all_gather": (Shard(0), Replicate(), True),
+    "all_to_all": (Shard(0), Shard(1), False),
+    "slice": (Replicate(), Shard(0), False),
+    "local": (Replicate(), Partial(), False),
+}
+
+
+def profile_collectives(
+    mesh: DeviceMesh, sizes_bytes: Sequence[int] = SWEEP_BYTES, repeats: int = 3, rounds: int = 3
+) -> dict[str, dict]:
+    """Fit ``alpha + beta * B`` for every kind of layout change (``cost.comm``: the collectives,
+    and the local slice and partial-sum steps, whose cost is the runtime's own) on every mesh
+    axis of size > 1, each timed as the emitted module runs it (``runtime.layout.reshard``). The sweep runs
+    ``rounds`` times over all cases (median of ``repeats`` calls each, then the median over
+    rounds), so a slow spell of the machine does not land on one message size."""
+    clock = _Clock(torch.device(mesh.device_type), repeats)
+    cases: list[tuple[str, int, Callable[[], None]]] = []
+    for axis, n in enumerate(mesh.shape):
+        if n <= 1:
+            continue
+        for kind in MOVE_KINDS:
+            src, dst, gathered = _MOVES[kind]
+            for size in sizes_bytes:
+                numel = size // (4 * n) if gathered else size // 4
+                cols = 16 * n  # both dims divisible by n: every move is even
+                n_rows = n * max(1, numel // (cols * n))
+                x = _full_mesh(mesh, axis, src, (n_rows, cols))
+                placements = list(x.placements)
+                placements[axis] = dst
+                nbytes = n_rows * cols * 4 * (n if gathered else 1)
+                cases.append(
+                    (f"{mesh_key(mesh.shape)}/axis{axis}/{kind}", nbytes, _redistribute(x, placements))
+                )
+    per_round = [[clock(fn) for _, _, fn in cases] for _ in range(rounds)]
+    medians = [statistics.median(r[i] for r in per_round) for i in range(len(cases))]
+    times = _slowest(medians, torch.device(mesh.device_type))
+    out: dict[str, dict] = {}
+    for (key, nbytes, _), t in zip(cases, times):
+        e = out.setdefault(key, {"sizes_bytes": [], "times_s": []})
+        e["sizes_bytes"].append(nbytes)
+        e["times_s"].append(t)
+    for e in out.values():
+        e["alpha_s"], e["s_per_byte"] = fit_alpha_beta(e["sizes_bytes"], e["times_s"])
+    return out
+
+
+def _full_mesh(mesh: DeviceMesh, axis: int, placement, local: tuple[int, ...]) -> DTensor:
+    """A DTensor of random local values of shape ``local``, ``placement`` on ``axis``, replicated
+    on the others."""
+    placements = [Replicate()] * mesh.ndim
+    placements[axis] = placement
+    t = torch.randn(local, device=mesh.device_type)
+    return DTensor.from_local(t, mesh, placements, run_check=False)
+
+
+def _redistribute(x: DTensor, placements: list) -> Callable[[], None]:
+    spec = short(tuple(placements))
+
+    def run() -> None:
+        local = reshard(x, spec).to_local()
+        if hasattr(local, "wait"):  # an async collective's result
+            local.wait()
+
+    return run
+
+
+def profile_optimizer(mesh: DeviceMesh, sizes_bytes: Sequence[int] = SWEEP_BYTES, repeats: int = 3) -> dict:
+    """An AdamW step per parameter (DTensor parameters, as the emitted module's) against its bytes."""
+    clock = _Clock(torch.device(mesh.device_type), repeats)
+    per_param, count = [], 8
+    for size in sizes_bytes:
+        params = [torch.nn.Parameter(_full_mesh(mesh, 0, Replicate(), (size // 4,))) for _ in range(count)]
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt = torch.optim.AdamW(params, lr=1e-4)
+        per_param.append(clock(opt.step) / count)
+    times = _slowest(per_param, torch.device(mesh.device_type))
+    alpha, beta = fit_alpha_beta(list(sizes_bytes), times)
+    return {
+        mesh_key(mesh.shape): {
+            "alpha_s": alpha,
+            "s_per_byte": beta,
+            "sizes_bytes": list(sizes_bytes),
+            "times_s": times,
+        }
+    }
+
+
+@dataclass
+class ProfileRun:
+    """What one profiling run measured: the database sections and what it took."""
+
+    device: str
+    sections: dict[str, dict]
+    signatures: int
+    phases_s: dict[str, float]
+
+    def summary(self) -> dict:
+        return {
+            "device": self.device,
+            "signatures": self.signatures,
+            "measured": len(self.sections["ops"]),
+            "collectives": len(self.sections["collectives"]),
+            "seconds": sum(self.phases_s.values()),
+            "phases_s": self.phases_s,
+        }
+
+
+def profile(
+    traced: Traced, mesh: DeviceMesh, *, repeats: int = 3, progress: Callable[[str], None] | None = None
+) -> ProfileRun:
+    """Everything a plan on ``mesh`` prices, measured on every rank (all call it together)."""
+    say = progress or (lambda phase: None)
+    phases: dict[str, float] = {}
+    t0 = time.perf_counter()
+    tasks = op_tasks(traced, mesh.shape)
+    phases["signatures_s"] = time.perf_counter() - t0
+    say(f"ops 0/{len(tasks)}")
+    ops = profile_ops(tasks, mesh, repeats, progress)
+    phases["ops_s"] = time.perf_counter() - t0 - sum(phases.values())
+    say("collectives")
+    sweep = SWEEP_BYTES_GPU if mesh.device_type == "cuda" else SWEEP_BYTES
+    collectives = profile_collectives(mesh, sweep, repeats)
+    phases["collectives_s"] = time.perf_counter() - t0 - sum(phases.values())
+    say("optimizer")
+    optimizer = profile_optimizer(mesh, SWEEP_BYTES, repeats)
+    phases["optimizer_s"] = time.perf_counter() - t0 - sum(phases.values())
+    sections = {"ops": ops, "collectives": collectives, "optimizer": optimizer}
+    return ProfileRun(device_key(mesh.device_type), sections, len(tasks), phases)
+
+
+def profile_model(
+    model: torch.nn.Module,
+    example_kwargs: dict,
+    mesh: DeviceMesh,
+    db: str,
+    *,
+    repeats: int = 3,
+    mixed_precision: str | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict:
+    """Measure what plans of ``model`` on ``mesh`` price, on this mesh's devices, and merge it
+    into the database at ``db`` (rank 0 writes). Every rank calls it with the same model and
+    inputs. Returns :meth:`ProfileRun.summary` (tracing included in its phases)."""
+    from autopar.api import param_dtype
+
+    t0 = time.perf_counter()
+    traced = trace(model, (), example_kwargs, param_dtype(mixed_precision))
+    trace_s = time.perf_counter() - t0
+    run = profile(traced, mesh, repeats=repeats, progress=progress)
+    run.phases_s = {"trace_s": trace_s, **run.phases_s}
+    if dist.get_rank() == 0:
+        merge(db, run.device, run.sections)
+    dist.barrier()
+    return run.summary()
+
+
+def profile_local(
+    build: Callable[..., tuple[torch.nn.Module, dict]],
+    build_args: tuple,
+    mesh_shape: Sequence[int],
+    db: str,
+    *,
+    repeats: int = 3,
+    progress: bool = False,
+) -> dict:
+    """:func:`profile_model` on a mesh of local CPU processes (gloo); ``build(*build_args)``
+    makes the model and its inputs on every rank."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp, "summary.json")
+        try:
+            run_gloo(
+                _profile_rank,
+                (build, build_args, tuple(mesh_shape), db, repeats, progress, str(out)),
+                world_size=math.prod(mesh_shape),
+                timeout_s=1200,
+            )
+        except RuntimeError as exc:
+            raise AutoparError(
+                f"profiling on {math.prod(mesh_shape)} local processes failed: {exc}"
+            ) from None
+        return json.loads(out.read_text())
+
+
+def _profile_rank(
+    rank: int,
+    build: Callable,
+    build_args: tuple,
+    mesh_shape: tuple,
+    db: str,
+    repeats: int,
+    show: bool,
+    out: str,
+) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from autopar.progress import Progress
+
+    torch.manual_seed(0)
+    model, kwargs = build(*build_args)
+    mesh = init_device_mesh("cpu", mesh_shape)
+    bar = Progress() if show and rank == 0 else None
+    summary = profile_model(model, kwargs, mesh, db, repeats=repeats, progress=bar)
+    if bar is not None:
+        bar.done()
+    if rank == 0:
+        Path(out).write_text(json.dumps(summary))
