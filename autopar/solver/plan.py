@@ -263,7 +263,20 @@ class Plan:
         lines.append(
             "fallback ops (replicated, no sharding rule): " + (", ".join(self.fallback_ops) or "none")
         )
+        lines.append(self.cost_line())
         return "\n".join(lines)
+
+    def cost_line(self) -> str:
+        """Where the prices came from (``costs``)."""
+        c = self.costs
+        if "device" not in c:
+            return f"costs: {c.get('source', 'hardware table')}"
+        n_est = len(c["estimated_ops"])
+        shown = ", ".join(c["estimated_ops"][:8]) + (" ..." if n_est > 8 else "")
+        return (
+            f"costs: measured on {c['device']} ({c['source']}): {c['measured_ops']} ops measured, "
+            f"{n_est} estimated" + (f" ({shown})" if n_est else "")
+        )
 
 
 def _mib(n: float) -> str:
