@@ -133,7 +133,9 @@ def measure(rows: list[BenchRow], build: Callable, build_args: tuple, steps: int
         except RuntimeError as exc:
             raise AutoparError(f"measuring the plans on {world} local processes failed: {exc}") from None
         for r, t in zip(todo, json.loads(out.read_text())):
-            r.measured_s = t
+            r.measured_s = t.get("s")
+            if "error" in t:
+                r.problem = f"failed when run: {t['error']}"
 
 
 def _time_plans(
@@ -146,23 +148,27 @@ def _time_plans(
     from autopar.api import autoparallelize
     from autopar.solver.plan import Plan
 
-    times = []
+    times: list[dict] = []
     for text in plans:
         plan = Plan.from_json(text)
         torch.manual_seed(0)
         model, inputs = build(*build_args)
         mesh = init_device_mesh("cpu", tuple(plan.mesh_shape))
-        pm = autoparallelize(model, (), mesh, example_kwargs=inputs, plan=plan)
-        opt = torch.optim.AdamW(pm.parameters(), lr=1e-4)
-        for i in range(steps + 1):
-            if i == 1:
-                dist.barrier()
-                t0 = time.perf_counter()
-            _loss(pm(**inputs)).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        dist.barrier()
-        times.append((time.perf_counter() - t0) / steps)
+        try:  # a plan fails alike on every rank (same plan, same code), so each goes on
+            pm = autoparallelize(model, (), mesh, example_kwargs=inputs, plan=plan)
+            opt = torch.optim.AdamW(pm.parameters(), lr=1e-4)
+            for i in range(steps + 1):
+                if i == 1:
+                    dist.barrier()
+                    t0 = time.perf_counter()
+                _loss(pm(**inputs)).backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            dist.barrier()
+            times.append({"s": (time.perf_counter() - t0) / steps})
+        except Exception as exc:  # noqa: BLE001 - reported in the table, not a crash
+            times.append({"error": f"{type(exc).__name__}: {exc}".splitlines()[0]})
+            dist.barrier()
     if rank == 0:
         Path(out).write_text(json.dumps(times))
 

@@ -83,10 +83,10 @@ ENOUGH_S = 0.025
 
 class _Clock:
     """Seconds per call of ``fn``: the median of up to ``repeats`` calls, on every rank at once,
-    the slowest rank's kept (by the caller). A warm-up call comes first (unless the caller
-    has just made one); every rank then makes as many calls as the slowest rank's warm-up
-    says fit in ``ENOUGH_S`` (at least one), so all ranks call the same number of times (an op
-    may communicate inside)."""
+    the slowest rank's kept (by the caller). :meth:`warm` makes a first call (DTensor's
+    sharding caches fill, autograd's too when ``fn`` runs backward) and sets how many calls
+    follow: as many as the slowest rank's warm-up says fit in ``ENOUGH_S`` (at least one), the
+    same on every rank (an op may communicate inside). Calling the clock warms and times."""
 
     def __init__(self, device: torch.device, repeats: int) -> None:
         self.device = device
@@ -97,15 +97,16 @@ class _Clock:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
-    def __call__(self, fn: Callable[[], object], warm_up: bool = True) -> float:
-        if warm_up:
-            self._sync()
-            t0 = time.perf_counter()
-            fn()
-            self._sync()
-            warm = torch.tensor([time.perf_counter() - t0], dtype=torch.float64, device=self.device)
-            dist.all_reduce(warm, op=dist.ReduceOp.MAX)  # also lines the ranks up
-            self.calls = max(1, min(self.repeats, int(ENOUGH_S / max(warm.item(), 1e-9))))
+    def warm(self, fn: Callable[[], object]) -> None:
+        self._sync()
+        t0 = time.perf_counter()
+        fn()
+        self._sync()
+        warm = torch.tensor([time.perf_counter() - t0], dtype=torch.float64, device=self.device)
+        dist.all_reduce(warm, op=dist.ReduceOp.MAX)  # also lines the ranks up
+        self.calls = max(1, min(self.repeats, int(ENOUGH_S / max(warm.item(), 1e-9))))
+
+    def time(self, fn: Callable[[], object]) -> float:
         times = []
         for _ in range(self.calls):
             self._sync()
@@ -115,6 +116,10 @@ class _Clock:
             times.append(time.perf_counter() - t0)
         return statistics.median(times)
 
+    def __call__(self, fn: Callable[[], object]) -> float:
+        self.warm(fn)
+        return self.time(fn)
+
 
 def _slowest(values: list[float], device: torch.device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
@@ -123,40 +128,50 @@ def _slowest(values: list[float], device: torch.device) -> list[float]:
 
 
 def _input(v: torch.Tensor, spec, grad: bool, mesh: DeviceMesh) -> DTensor:
+    """A DTensor leaf of random values laid out as ``spec``. The leaf itself requires the
+    gradient (not its local tensor): backward then ends at it, with no redistribution of the
+    gradient into the local tensor's layout that the op itself would not do."""
     shape = local_shape(v.shape, spec, mesh.shape)
     if v.is_floating_point():
         local = torch.randn(shape, dtype=v.dtype, device=mesh.device_type)
-        local.requires_grad_(grad)
     elif v.dtype == torch.bool:
         local = torch.ones(shape, dtype=v.dtype, device=mesh.device_type)
     else:  # indices: 0 is valid for every table and class count
         local = torch.zeros(shape, dtype=v.dtype, device=mesh.device_type)
-    return DTensor.from_local(local, mesh, spec, run_check=False, shape=v.shape, stride=v.stride())
+    t = DTensor.from_local(local, mesh, spec, run_check=False, shape=v.shape, stride=v.stride())
+    return t.requires_grad_(grad and v.is_floating_point())
 
 
-def _op_call(task: OpTask, mesh: DeviceMesh) -> Callable[[], object]:
+def _op_call(task: OpTask, mesh: DeviceMesh) -> tuple[Callable[[], object], list[DTensor]]:
+    """The op called as the emitted module calls it, and its inputs that take a gradient."""
     node, s = task.node, task.strategy
     it = iter(zip(s.ins, task.grads))
+    leaves: list[DTensor] = []
 
     def make(a: fx.Node) -> object:
         if not is_tensor_node(a):
             return a.meta.get("val")
         spec, grad = next(it)
-        return _input(a.meta["val"], spec, grad, mesh)
+        t = _input(a.meta["val"], spec, grad, mesh)
+        if t.requires_grad:
+            leaves.append(t)
+        return t
 
     args, kwargs = fx.node.map_arg((node.args, node.kwargs), make)
     if runs_locally(node):
-        return lambda: local_call(node.target, short(s.out), *args, **kwargs)
-    return lambda: node.target(*args, **kwargs)
+        return (lambda: local_call(node.target, short(s.out), *args, **kwargs)), leaves
+    return (lambda: node.target(*args, **kwargs)), leaves
 
 
-def _with_backward(call: Callable[[], object]) -> Callable[[], object]:
+def _with_backward(call: Callable[[], object], leaves: list[DTensor]) -> Callable[[], object]:
+    """Forward and backward to the inputs' gradients, returned as the op's backward makes
+    them (nothing accumulated into the inputs, which could redistribute)."""
+
     def run() -> None:
         out = call()
         outs = [out] if isinstance(out, torch.Tensor) else [t for t in out if isinstance(t, torch.Tensor)]
         outs = [t for t in outs if t.requires_grad]
-        grads = [_grad_like(t) for t in outs]
-        torch.autograd.backward(outs, grads)
+        torch.autograd.grad(outs, leaves, [_grad_like(t) for t in outs], allow_unused=True)
 
     return run
 
@@ -181,9 +196,11 @@ def profile_ops(
         if i % 50 == 0:
             say(f"ops {i}/{len(tasks)}")
         try:
-            call = _op_call(task, mesh)
-            fwd = clock(call)
-            both = clock(_with_backward(call), warm_up=False) if task.requires_grad else None
+            call, leaves = _op_call(task, mesh)
+            full = _with_backward(call, leaves) if task.requires_grad and leaves else call
+            clock.warm(full)  # forward and backward alike
+            fwd = clock.time(call)
+            both = clock.time(full) if full is not call else None
         except Exception:  # noqa: BLE001 - an op DTensor cannot run here stays estimated
             continue
         measured.append((task, fwd, None if both is None else max(both - fwd, 0.0)))
