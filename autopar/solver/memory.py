@@ -235,10 +235,20 @@ def build_memory_model(g: StrategyGraph) -> MemoryModel:
     storage = _storages(g)
     saved = _saved_storages(g, storage)
     ilp_edges = {(e.src, e.dst, e.arg) for e in g.edges}
+    # identical nodes (repeated blocks) share their strategy list, and with it these vectors:
+    # the list's identity stands for op, shapes and gradient flow (``graph._choice_key``)
+    memo: dict[tuple, list[float]] = {}
+
+    def per_strategy(fn, nc: NodeChoices, *args) -> list[float]:
+        key = (fn, id(nc.strategies), *args)
+        if key not in memo:
+            memo[key] = fn(g, nc, *args)
+        return memo[key]
+
     for seg in segments:
         for name in seg.nodes:
             nc = g.nodes[name]
-            _add(g, seg.saved, nc, _saved_bytes(g, nc, name in saved))
+            _add(g, seg.saved, nc, per_strategy(_saved_bytes, nc, name in saved))
             for k, a in enumerate(node_inputs(nc) if nc.kind == "op" else []):
                 if (a.name, name, k) in ilp_edges:
                     seg.copy_edges.append(EdgeUse(a.name, name, k))
@@ -255,7 +265,7 @@ def build_memory_model(g: StrategyGraph) -> MemoryModel:
                 continue
             _add(g, seg.forward_s, nc, [c / (1 + BACKWARD_OVER_FORWARD) for c in nc.cost_s])
             t: Expr = {}
-            _add(g, t, nc, _backward_bytes(g, nc))
+            _add(g, t, nc, per_strategy(_backward_bytes, nc))
             seg.transients.setdefault(_expr_key(t), t)
             args = tensor_args(nc.node)
             for k in kept_by(g, nc).inputs:
