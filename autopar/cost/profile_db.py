@@ -74,6 +74,8 @@ def op_signature(node: fx.Node, ins: Sequence[Spec], grads: Sequence[bool], mesh
     it = iter(zip(ins, grads))
 
     def arg(a: object) -> object:
+        if isinstance(a, torch.device):  # traced on meta or on the device: the same work
+            return "device"
         v = a.meta.get("val") if isinstance(a, fx.Node) else None
         if not isinstance(v, torch.Tensor):
             return a if not isinstance(a, fx.Node) else repr(v)

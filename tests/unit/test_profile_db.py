@@ -110,6 +110,18 @@ def test_repeated_blocks_add_no_signatures():
     assert n2 == n6 > 0
 
 
+def test_a_model_traced_on_meta_has_the_signatures_measured_on_a_device():
+    meta = _gpt()
+    torch.manual_seed(0)
+    real = GPT(GPTConfig(vocab=128, max_seq=16, hidden=32, heads=4, layers=2))
+    ids = torch.randint(0, 128, (4, 16))
+    sigs = [
+        {t.signature for t in op_tasks(trace(m, (), kw), MESH)}
+        for m, kw in (meta, (real, {"input_ids": ids, "labels": ids}))
+    ]
+    assert sigs[0] == sigs[1]
+
+
 def test_a_plan_priced_from_the_database_uses_its_numbers(tmp_path):
     db = tmp_path / "p.json"
     _synthetic_db(db)
