@@ -253,7 +253,13 @@ def _profile(args: argparse.Namespace) -> int:
     else:
         build_args = (args.model, args.batch, args.seq, args.size, "cpu")
         summary = profiler.profile_local(
-            _model, build_args, args.mesh, args.db, repeats=args.repeats, progress=True
+            _model,
+            build_args,
+            args.mesh,
+            args.db,
+            repeats=args.repeats,
+            mixed_precision=args.mixed_precision,
+            progress=True,
         )
         progress = None
     if progress is not None:

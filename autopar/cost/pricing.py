@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
@@ -18,7 +18,7 @@ from autopar.cost.compute import BACKWARD_OVER_FORWARD, optimizer_step_s, roofli
 from autopar.cost.hardware import Hardware, Link
 from autopar.cost.profile_db import Profile, op_signature
 from autopar.solver import rules
-from autopar.solver.rules.base import Strategy, tensor_args
+from autopar.solver.rules.base import Strategy, out_tensors, tensor_args
 from autopar.solver.specs import local_numel
 
 
@@ -26,9 +26,6 @@ from autopar.solver.specs import local_numel
 class Pricing:
     hw: Hardware
     profile: Profile | None = None
-    #: op nodes priced from the profile / estimated (names), filled as ops are priced
-    measured: set[str] = field(default_factory=set)
-    estimated: set[str] = field(default_factory=set)
 
     @functools.cached_property
     def _fallback(self) -> tuple[float, float]:
@@ -57,14 +54,17 @@ class Pricing:
         if self.profile is not None:
             hit = self.profile.op_s(op_signature(node, s.ins, grads, mesh_shape))
             if hit is not None:
-                self.measured.add(node.name)
                 fwd, bwd = hit
                 return fwd + (bwd or 0.0) if requires_grad else fwd
-            self.estimated.add(node.name)
         flops, nbytes, dtype = work(node, s, out_bytes, mesh_shape)
         overhead_s, efficiency = self._fallback
         fwd = overhead_s + roofline_s(flops, nbytes, dtype, self.hw) / efficiency
         return fwd * (1 + BACKWARD_OVER_FORWARD) if requires_grad else fwd
+
+
+def out_bytes(node: fx.Node, spec, mesh_shape: Sequence[int]) -> int:
+    """Bytes of one device's share of ``node``'s outputs laid out as ``spec``."""
+    return sum(local_numel(t.shape, spec, mesh_shape) * t.element_size() for t in out_tensors(node))
 
 
 def work(

@@ -7,14 +7,14 @@ has its own), and the slowest rank's time is kept:
 - **ops**: every distinct signature (``cost.profile_db.op_signature``) that some strategy of
   some node needs, once: DTensor inputs of random values in the strategy's input layouts,
   called the way the emitted module calls the op (through DTensor, or on local shards for
-  ``LOCAL_OPS``), forward alone and forward with backward; median of ``repeats`` after a
-  warm-up. Identical repeated blocks have identical signatures, so depth adds nothing.
-- **collectives**: each kind a layout change uses (all-reduce, reduce-scatter, all-gather,
-  all-to-all) on each mesh axis, as ``DTensor.redistribute`` over a sweep of sizes; a line
-  ``alpha + beta * bytes`` fitted per axis and kind.
+  ``LOCAL_OPS``), forward alone and forward with backward; median of up to ``repeats`` calls
+  after a warm-up. Identical repeated blocks have identical signatures, so depth adds nothing.
+- **layout changes**: each step kind (all-reduce, reduce-scatter, all-gather, all-to-all,
+  and the local slice and partial steps) on each mesh axis, through ``runtime.layout.reshard``
+  over a sweep of sizes; a line ``alpha + beta * bytes`` fitted per axis and kind.
 - **optimizer**: an AdamW step over parameters of a sweep of sizes; a line per parameter.
 
-Times are wall clock on CPU and CUDA events' span (synchronized) on GPU.
+Times are wall clock, with the device synchronized around each call on GPU.
 """
 
 from __future__ import annotations
@@ -36,15 +36,15 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
 from autopar.cost.comm import MOVE_KINDS
 from autopar.cost.hardware import get_hardware
-from autopar.cost.pricing import work
+from autopar.cost.pricing import out_bytes, work
 from autopar.cost.profile_db import device_key, fit_alpha_beta, merge, mesh_key, op_signature
 from autopar.errors import AutoparError
 from autopar.passes.layouts import runs_locally
 from autopar.runtime.layout import reshard
 from autopar.runtime.local_mesh import run_gloo
 from autopar.runtime.local_ops import local_call
-from autopar.solver.graph import build
-from autopar.solver.rules.base import Strategy, is_tensor_node, tensor_args
+from autopar.solver.graph import build, input_grads
+from autopar.solver.rules.base import Strategy, is_tensor_node
 from autopar.solver.specs import local_shape, short
 from autopar.tracer import Traced, trace
 
@@ -69,7 +69,7 @@ def op_tasks(traced: Traced, mesh_shape: Sequence[int]) -> list[OpTask]:
     for nc in g.nodes.values():
         if nc.kind != "op":
             continue
-        grads = tuple(a.name in g.nodes and g.nodes[a.name].requires_grad for a in tensor_args(nc.node))
+        grads = tuple(input_grads(g.nodes, nc.node))
         for s in nc.strategies:
             sig = op_signature(nc.node, s.ins, grads, mesh_shape)
             if sig not in tasks:
@@ -209,7 +209,8 @@ def profile_ops(
     out = {}
     for k, (task, _, _) in enumerate(measured):
         fwd, bwd = flat[2 * k], flat[2 * k + 1]
-        flops, nbytes, dtype = work(task.node, task.strategy, _out_bytes(task, mesh), mesh.shape)
+        outputs = out_bytes(task.node, task.strategy.out, mesh.shape)
+        flops, nbytes, dtype = work(task.node, task.strategy, outputs, mesh.shape)
         out[task.signature] = {
             "forward_s": fwd,
             "backward_s": None if bwd < 0 else bwd,
@@ -218,15 +219,6 @@ def profile_ops(
             "dtype": str(dtype).removeprefix("torch."),
         }
     return out
-
-
-def _out_bytes(task: OpTask, mesh: DeviceMesh) -> int:
-    v = task.node.meta["val"]
-    outs = [v] if isinstance(v, torch.Tensor) else [t for t in v if isinstance(t, torch.Tensor)]
-    spec = task.strategy.out
-    return sum(
-        int(torch.Size(local_shape(t.shape, spec, mesh.shape)).numel()) * t.element_size() for t in outs
-    )
 
 
 _MOVES = {  # kind -> (from, to) on the measured axis, and whether B is the gathered size
@@ -396,6 +388,7 @@ def profile_local(
     db: str,
     *,
     repeats: int = 3,
+    mixed_precision: str | None = None,
     progress: bool = False,
 ) -> dict:
     """:func:`profile_model` on a mesh of local CPU processes (gloo); ``build(*build_args)``
@@ -405,7 +398,7 @@ def profile_local(
         try:
             run_gloo(
                 _profile_rank,
-                (build, build_args, tuple(mesh_shape), db, repeats, progress, str(out)),
+                (build, build_args, tuple(mesh_shape), db, repeats, mixed_precision, progress, str(out)),
                 world_size=math.prod(mesh_shape),
                 timeout_s=1200,
             )
@@ -423,6 +416,7 @@ def _profile_rank(
     mesh_shape: tuple,
     db: str,
     repeats: int,
+    mixed_precision: str | None,
     show: bool,
     out: str,
 ) -> None:
@@ -434,7 +428,9 @@ def _profile_rank(
     model, kwargs = build(*build_args)
     mesh = init_device_mesh("cpu", mesh_shape)
     bar = Progress() if show and rank == 0 else None
-    summary = profile_model(model, kwargs, mesh, db, repeats=repeats, progress=bar)
+    summary = profile_model(
+        model, kwargs, mesh, db, repeats=repeats, mixed_precision=mixed_precision, progress=bar
+    )
     if bar is not None:
         bar.done()
     if rank == 0:

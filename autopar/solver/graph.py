@@ -35,6 +35,7 @@ from autopar.cost.comm import redistribute_bytes, redistribute_time_s
 from autopar.cost.hardware import Hardware, Link
 from autopar.cost.memory import ADAMW_STATES_PER_PARAM
 from autopar.cost.pricing import Pricing
+from autopar.cost.pricing import out_bytes as local_out_bytes
 from autopar.cost.profile_db import Profile
 from autopar.errors import ShardingError
 from autopar.solver import rules
@@ -308,10 +309,9 @@ def _strategies(nc: NodeChoices, mesh_shape, nodes) -> list[Strategy]:
 def _reprice(nc: NodeChoices, mesh_shape, pricing: Pricing, nodes: dict[str, NodeChoices]) -> None:
     nc.cost_s, nc.memory_bytes = [], []
     v = nc.node.meta["val"]
-    outs = [v] if isinstance(v, torch.Tensor) else [t for t in v if isinstance(t, torch.Tensor)]
-    grads = [a.name in nodes and nodes[a.name].requires_grad for a in tensor_args(nc.node)]
+    grads = input_grads(nodes, nc.node)
     for s in nc.strategies:
-        out_bytes = sum(local_numel(t.shape, s.out, mesh_shape) * t.element_size() for t in outs)
+        out_bytes = local_out_bytes(nc.node, s.out, mesh_shape)
         if nc.kind == "param":
             n = local_numel(v.shape, s.out, mesh_shape)
             nc.cost_s.append(pricing.optimizer_s(n, master_itemsize(nc.node), mesh_shape))
@@ -323,6 +323,11 @@ def _reprice(nc: NodeChoices, mesh_shape, pricing: Pricing, nodes: dict[str, Nod
         else:
             nc.cost_s.append(pricing.op_s(nc.node, s, grads, nc.requires_grad, out_bytes, mesh_shape))
             nc.memory_bytes.append(0)  # activations: solver.memory
+
+
+def input_grads(nodes: dict[str, NodeChoices], node: fx.Node) -> list[bool]:
+    """Whether a gradient flows to each tensor input of ``node`` (``tensor_args`` order)."""
+    return [a.name in nodes and nodes[a.name].requires_grad for a in tensor_args(node)]
 
 
 def master_itemsize(node: fx.Node) -> int:

@@ -47,6 +47,7 @@ import torch.fx as fx
 
 from autopar.cost.compute import BACKWARD_OVER_FORWARD
 from autopar.cost.memory import saved_for_backward
+from autopar.cost.pricing import out_bytes
 from autopar.solver.graph import EdgeUse, NodeChoices, StrategyGraph, master_itemsize, node_inputs, split_axes
 from autopar.solver.repeats import Repeats, find_repeats
 from autopar.solver.rules.base import tensor_args
@@ -380,12 +381,7 @@ def _add(g: StrategyGraph, e: Expr, nc: NodeChoices, own: list[float]) -> None:
 
 
 def _out_bytes(g: StrategyGraph, nc: NodeChoices) -> list[float]:
-    v = nc.node.meta["val"]
-    outs = [v] if isinstance(v, torch.Tensor) else [t for t in v if isinstance(t, torch.Tensor)]
-    return [
-        float(sum(local_numel(t.shape, s.out, g.mesh_shape) * t.element_size() for t in outs))
-        for s in nc.strategies
-    ]
+    return [float(out_bytes(nc.node, s.out, g.mesh_shape)) for s in nc.strategies]
 
 
 def _saved_bytes(g: StrategyGraph, nc: NodeChoices, output_saved: bool) -> list[float]:

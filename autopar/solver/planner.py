@@ -19,13 +19,13 @@ from autopar.solver.graph import (
     build,
     edge_bytes,
     edge_cost_s,
+    input_grads,
     node_inputs,
     output_cost_s,
     output_names,
 )
 from autopar.solver.pinned import PARAM_MODES, pin_for
 from autopar.solver.plan import NodePlan, Plan, fingerprint, graph_signature
-from autopar.solver.rules.base import tensor_args
 from autopar.solver.specs import short
 from autopar.solver.zero import add_param_modes, param_mode
 from autopar.tracer import Traced
@@ -119,7 +119,7 @@ def cost_sources(g: StrategyGraph, choice: dict[str, int]) -> dict:
     estimated = []
     for name, nc in g.nodes.items():
         if nc.kind == "op":
-            grads = [a.name in g.nodes and g.nodes[a.name].requires_grad for a in tensor_args(nc.node)]
+            grads = input_grads(g.nodes, nc.node)
             sig = profile_db.op_signature(nc.node, g.spec_of(name, choice).ins, grads, g.mesh_shape)
             if prof.op_s(sig) is None:
                 estimated.append(name)
