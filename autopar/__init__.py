@@ -9,6 +9,7 @@ from autopar.api import autoparallelize, make_plan
 from autopar.errors import (
     AutoparError,
     InfeasibleBudgetError,
+    KernelError,
     PlanFormatError,
     ShardingError,
     StalePlanError,
@@ -20,6 +21,7 @@ from autopar.solver.plan import Plan, load_plan
 __all__ = [
     "AutoparError",
     "InfeasibleBudgetError",
+    "KernelError",
     "Plan",
     "PlanFormatError",
     "ShardingError",

@@ -33,12 +33,15 @@ def make_plan(
     mixed_precision: str | None = None,
     progress: Callable[[str], None] | None = None,
     profile: str | None = None,
+    kernels: str = "auto",
 ) -> Plan:
     """Plan offline: no ranks, no real memory (the model and inputs may be on the meta device).
     ``mixed_precision="bf16"`` (or ``"fp16"``) computes in that dtype and keeps master weights,
     gradients and AdamW moments in the model's dtype. ``progress`` hears each phase's name
     (the CLI shows them; a library call is quiet). ``profile``: a profile database
-    (``autopar profile``, :func:`profile_model`) whose measurements for ``gpu`` price the plan."""
+    (``autopar profile``, :func:`profile_model`) whose measurements for ``gpu`` price the plan.
+    ``kernels``: "auto" runs chains such as LayerNorm, RMSNorm and GELU as fused kernels where
+    ``gpu`` runs them (GPUs), "fused" everywhere, "eager" nowhere; the plan is priced so."""
     if progress is not None:
         progress("tracing")
     t0 = time.perf_counter()
@@ -55,6 +58,7 @@ def make_plan(
         timings_s={"trace_s": time.perf_counter() - t0},
         progress=progress,
         profile=profile,
+        kernels=kernels,
     )
 
 
@@ -70,6 +74,7 @@ def autoparallelize(
     plan: Plan | None = None,
     mixed_precision: str | None = None,
     profile: str | None = None,
+    kernels: str = "auto",
 ) -> nn.Module:
     """Trace, plan (or check ``plan``), and emit the distributed module for this rank.
 
@@ -97,6 +102,7 @@ def autoparallelize(
                 strategy=strategy,
                 mixed_precision=precision or "",
                 profile=profile,
+                kernels=kernels,
             ),
             device_mesh,
         )

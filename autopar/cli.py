@@ -74,6 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--time-limit", type=float, default=None, help="solver time limit, seconds")
     p.add_argument("--profile", metavar="DB", help="price with the measurements in this profile database")
+    p.add_argument(
+        "--kernels",
+        choices=("auto", "fused", "eager"),
+        default="auto",
+        help="fused norm/GELU kernels: where the gpu runs them (auto), always, or never",
+    )
     p.add_argument("-o", "--output", help="write the plan as JSON")
     b = sub.add_parser("bench", help="compare classic strategies and auto on one mesh (offline)")
     b.add_argument("model", help="as for plan")
@@ -166,6 +172,7 @@ def _run(args: argparse.Namespace) -> int:
         mixed_precision=args.mixed_precision,
         progress=progress,
         profile=args.profile,
+        kernels=args.kernels,
     )
     progress.done()
     print(plan.report())

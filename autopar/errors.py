@@ -33,3 +33,8 @@ class StalePlanError(AutoparError):
 
 class PlanFormatError(AutoparError):
     """A plan file cannot be read."""
+
+
+class KernelError(AutoparError):
+    """A fused kernel cannot run here (no Triton, no compiler, no CUDA): the message says
+    which kernel, why, and what to do; ``backend="torch"`` always works."""

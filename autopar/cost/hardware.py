@@ -40,6 +40,9 @@ class Hardware:
     host_link: Link | None = Link(10e-6, 25e9)  # None: no separate host memory to offload to
     host_bytes_per_s: float = 25e9
     gpus_per_node: int = 8
+    #: whether the device runs autopar's Triton kernels (``runtime.kernels``); plans for it
+    #: fuse the chains ``solver.fusion`` finds by default
+    fused_kernels: bool = True
     notes: str = field(default="", compare=False)
 
     def peak_flops(self, dtype: torch.dtype) -> float:
@@ -106,6 +109,7 @@ HARDWARE: dict[str, Hardware] = {
         Link(50e-6, 2e9),
         host_link=None,
         gpus_per_node=64,
+        fused_kernels=False,
         notes="a CPU process per rank, gloo over loopback",
     ),
 }

@@ -14,12 +14,16 @@ import torch
 import torch.fx as fx
 from torch.distributed.tensor import Shard
 
+from autopar.cost.comm import collective_time_s
 from autopar.cost.compute import BACKWARD_OVER_FORWARD, optimizer_step_s, roofline_s
 from autopar.cost.hardware import Hardware, Link
 from autopar.cost.profile_db import Profile, op_signature
 from autopar.solver import rules
 from autopar.solver.rules.base import Strategy, out_tensors, tensor_args
 from autopar.solver.specs import local_numel
+
+#: a fused kernel's backward moves 3 tensors to its forward's 2
+FUSED_BACKWARD_OVER_FORWARD = 1.5
 
 
 @dataclass
@@ -59,7 +63,28 @@ class Pricing:
         flops, nbytes, dtype = work(node, s, out_bytes, mesh_shape)
         overhead_s, efficiency = self._fallback
         fwd = overhead_s + roofline_s(flops, nbytes, dtype, self.hw) / efficiency
-        return fwd * (1 + BACKWARD_OVER_FORWARD) if requires_grad else fwd
+        return (fwd * (1 + BACKWARD_OVER_FORWARD) if requires_grad else fwd) + self.inner_s(
+            node, s, mesh_shape
+        )
+
+    def fused_s(self, out_bytes: int, requires_grad: bool) -> float:
+        """A fused chain's kernel (``solver.fusion``), priced at its tail: memory-bound, it
+        reads the chain's input and writes its result once (weights are small); backward reads
+        the input and the output's gradient and writes the input's."""
+        overhead_s, efficiency = self._fallback
+        fwd = overhead_s + 2 * out_bytes / self.hw.hbm_bytes_per_s / efficiency
+        return fwd * (1 + FUSED_BACKWARD_OVER_FORWARD) if requires_grad else fwd
+
+    def inner_s(self, node: fx.Node, s: Strategy, mesh_shape: Sequence[int]) -> float:
+        """The collectives ``s`` runs inside the op (a measured op's time includes them)."""
+        inner = rules.INNER_COLLECTIVES.get(node.target)
+        if inner is None:
+            return 0.0
+        links = self.links(tuple(mesh_shape))
+        return sum(
+            collective_time_s(kind, nbytes, mesh_shape[axis], links[axis])
+            for kind, axis, nbytes in inner(node, s, mesh_shape)
+        )
 
 
 def out_bytes(node: fx.Node, spec, mesh_shape: Sequence[int]) -> int:

@@ -2,7 +2,7 @@
 
 The rule families name these ops (``LOCAL_OPS``): attention (DTensor has no rule for the CPU
 kernel tracing picks), einsum, convolution and pooling, lookups (embedding, gather,
-index, one-hot), top-k, the binary cross entropy, clone (DTensor would reduce a partial sum
+index, one-hot), top-k, the cross entropies, clone (DTensor would reduce a partial sum
 first), and ops with no rule (replicated). A
 strategy of such an op is exactly a statement that the op on local shards gives this rank's
 piece of the result, so :func:`local_call` unwraps, calls, and wraps in the planned layout.
@@ -10,6 +10,7 @@ piece of the result, so :func:`local_call` unwraps, calls, and wraps in the plan
 Two lookups need more than the plain op: when the table is sharded along the dim being
 looked up (row-wise embedding, vocab-parallel embedding), each rank looks up only the
 indices that fall in its rows, writes zeros for the rest, and the result is a partial sum.
+Cross entropy over vocabulary-sharded logits runs ``runtime.vocab_parallel``.
 
 Gradients follow the strategy, as in ``solver.graph.grad_spec``: an input replicated along a
 mesh axis that divides the op's work gets a partial-sum gradient; a partial-sum input gets the
@@ -27,6 +28,7 @@ import torch
 from torch.distributed.tensor import DTensor, Partial, Shard
 from torch.utils._pytree import tree_leaves, tree_map
 
+from autopar.runtime import vocab_parallel
 from autopar.solver.graph import grad_spec
 from autopar.solver.rules.base import Strategy
 from autopar.solver.specs import Spec, parse
@@ -120,7 +122,29 @@ def _gather(local: Unwrap, table: DTensor, dim: int, index: DTensor, **kwargs: A
     return aten.gather.default(t, dim, local_idx, **kwargs) * inside.to(t.dtype)
 
 
-_LOCAL_IMPLS = {aten.embedding.default: _embedding, aten.gather.default: _gather}
+def _cross_entropy(
+    local: Unwrap,
+    logits: DTensor,
+    target: DTensor,
+    weight: DTensor | None = None,
+    reduction: int = 1,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """Vocabulary-sharded logits: ``runtime.vocab_parallel`` (the loss rule offers that layout
+    only without weights and smoothing, with a sum or no reduction); else the op on shards."""
+    if not vocab_parallel.vocab_axes(logits):
+        args = (local(weight), reduction, ignore_index, label_smoothing)
+        return aten.cross_entropy_loss.default(local(logits), local(target), *args)
+    offset, _ = _shard_range(logits, 1)
+    return vocab_parallel.cross_entropy(local(logits), local(target), logits, offset, reduction, ignore_index)
+
+
+_LOCAL_IMPLS = {
+    aten.embedding.default: _embedding,
+    aten.gather.default: _gather,
+    aten.cross_entropy_loss.default: _cross_entropy,
+}
 
 
 def local_call(op, spec: str, *args: Any, **kwargs: Any) -> Any:

@@ -32,7 +32,7 @@ from autopar.runtime.layout import reshard
 _ACTIVE: list[Refetch] = []
 
 
-def _plain(t: torch.Tensor) -> torch.Tensor:
+def plain(t: torch.Tensor) -> torch.Tensor:
     """A collective's pending result waited for (ops on it see the plain tensor inside)."""
     return t.trigger_wait() if isinstance(t, AsyncCollectiveTensor) else t
 
@@ -40,7 +40,7 @@ def _plain(t: torch.Tensor) -> torch.Tensor:
 def _memory(t: torch.Tensor) -> int:
     """Where ``t``'s storage lives. DTensor runs local ops below autograd, where views do not
     record their ``_base``: a saved transpose of a gathered weight is known by its storage."""
-    return _plain(t).untyped_storage().data_ptr()
+    return plain(t).untyped_storage().data_ptr()
 
 
 @dataclass
@@ -59,7 +59,7 @@ class _Note:
     def gather(self) -> DTensor:
         with torch.no_grad():
             full = reshard(self.shard, self.spec)
-        local = _plain(full._local_tensor).as_strided(self.size, self.stride, self.offset)
+        local = plain(full._local_tensor).as_strided(self.size, self.stride, self.offset)
         mesh, placements = full.device_mesh, self.placements
         return DTensor.from_local(
             local, mesh, placements, run_check=False, shape=self.shape, stride=self.global_stride
@@ -76,13 +76,13 @@ class Refetch:
         self.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, _unpack)
 
     def register(self, full: DTensor, shard: DTensor, spec: str) -> None:
-        local = _plain(full._local_tensor)
+        local = plain(full._local_tensor)
         self.gathered[_memory(local)] = (weakref.ref(local), shard.detach(), spec)
 
     def pack(self, t: torch.Tensor) -> object:
         if not isinstance(t, DTensor):
             return t
-        local = _plain(t._local_tensor)
+        local = plain(t._local_tensor)
         hit = self.gathered.get(_memory(local))
         if hit is None or hit[0]() is None:  # while the gathered tensor lives, so does its memory
             return t

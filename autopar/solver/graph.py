@@ -38,7 +38,7 @@ from autopar.cost.pricing import Pricing
 from autopar.cost.pricing import out_bytes as local_out_bytes
 from autopar.cost.profile_db import Profile
 from autopar.errors import ShardingError
-from autopar.solver import rules
+from autopar.solver import fusion, rules
 from autopar.solver.repeats import share_decisions, val_key
 from autopar.solver.rules.base import Strategy, tensor_args
 from autopar.solver.specs import Spec, divides, local_numel, no_partial
@@ -250,7 +250,7 @@ def _choice_key(nc: NodeChoices, nodes: dict[str, NodeChoices]) -> tuple:
         return ("node", val_key(a.meta.get("val")), src.requires_grad, leaf)
 
     args = repr(fx.node.map_aggregate((node.args, node.kwargs), arg))
-    return ("op", str(node.target), args, v, nc.requires_grad)
+    return ("op", str(node.target), args, v, nc.requires_grad, fusion.role(node))
 
 
 def _reachable(nc: NodeChoices, nodes: dict[str, NodeChoices]) -> list[Strategy]:
@@ -321,8 +321,18 @@ def _reprice(nc: NodeChoices, mesh_shape, pricing: Pricing, nodes: dict[str, Nod
             nc.cost_s.append(0.0)
             nc.memory_bytes.append(out_bytes if nc.kind != "getitem" else 0)
         else:
-            nc.cost_s.append(pricing.op_s(nc.node, s, grads, nc.requires_grad, out_bytes, mesh_shape))
+            nc.cost_s.append(_op_cost_s(nc, s, grads, out_bytes, mesh_shape, pricing))
             nc.memory_bytes.append(0)  # activations: solver.memory
+
+
+def _op_cost_s(nc: NodeChoices, s: Strategy, grads, out_bytes: int, mesh_shape, pricing: Pricing) -> float:
+    """An op's time; a chain the plan fuses costs its kernel's time, at its tail."""
+    role = fusion.role(nc.node)
+    if role == "member":
+        return 0.0
+    if role == "tail":
+        return pricing.fused_s(out_bytes, nc.requires_grad)
+    return pricing.op_s(nc.node, s, grads, nc.requires_grad, out_bytes, mesh_shape)
 
 
 def input_grads(nodes: dict[str, NodeChoices], node: fx.Node) -> list[bool]:

@@ -22,7 +22,7 @@ import torch.fx as fx
 from autopar.errors import PlanFormatError, StalePlanError
 from autopar.solver.repeats import ranges
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 
 
 @dataclass
@@ -71,6 +71,9 @@ class Plan:
     #: where the prices came from: the hardware table, or a profile database (its device,
     #: the ops priced from measurements and those estimated, the collectives measured)
     costs: dict = field(default_factory=dict)
+    #: the chains run as one fused kernel (``solver.fusion.Fusion`` as dicts: kind, nodes, x,
+    #: params, consts); ``passes.fuse`` swaps them in
+    fusions: list[dict] = field(default_factory=list)
     solver: dict = field(default_factory=dict)
     timings_s: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
@@ -263,8 +266,20 @@ class Plan:
         lines.append(
             "fallback ops (replicated, no sharding rule): " + (", ".join(self.fallback_ops) or "none")
         )
+        lines.append(self.kernels_line())
         lines.append(self.cost_line())
         return "\n".join(lines)
+
+    def kernels_line(self) -> str:
+        """Which chains run as fused kernels (``fusions``)."""
+        if not self.fusions:
+            return "fused kernels: none (eager ops)"
+        kinds: dict[str, int] = defaultdict(int)
+        for f in self.fusions:
+            kinds[f["kind"]] += 1
+        ops = sum(len(f["nodes"]) for f in self.fusions)
+        parts = ", ".join(f"{k} x{n}" for k, n in sorted(kinds.items()))
+        return f"fused kernels: {len(self.fusions)} chains of {ops} ops ({parts})"
 
     def cost_line(self) -> str:
         """Where the prices came from (``costs``)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
 
 import torch.fx as fx
 
@@ -12,7 +13,7 @@ from autopar.cost import profile_db
 from autopar.cost.hardware import get_hardware
 from autopar.cost.units import parse_bytes
 from autopar.errors import AutoparError
-from autopar.solver import ilp
+from autopar.solver import fusion, ilp
 from autopar.solver.explain import alternatives
 from autopar.solver.graph import (
     StrategyGraph,
@@ -44,9 +45,12 @@ def plan_traced(
     timings_s: dict[str, float] | None = None,
     progress: Callable[[str], None] | None = None,
     profile: str | None = None,
+    kernels: str = "auto",
 ) -> Plan:
     """Plan a traced model; ``progress`` (the CLI's) hears each phase's name; ``profile``: a
-    profile database (``cost.profile_db``) whose measurements for ``gpu`` price the plan."""
+    profile database (``cost.profile_db``) whose measurements for ``gpu`` price the plan;
+    ``kernels``: fuse the chains ``solver.fusion`` finds where ``gpu`` runs the fused kernels
+    ("auto"), always ("fused") or never ("eager")."""
     say = progress or (lambda phase: None)
     hw = get_hardware(gpu)
     if strategy == "zero-offload" and hw.host_link is None:
@@ -54,22 +58,29 @@ def plan_traced(
             f'strategy "zero-offload" needs a device with its own memory beside the host\'s; '
             f"gpu={hw.name!r} computes in host memory. Plan for a GPU (gpu='h100') or pick another strategy."
         )
-    timings = dict(timings_s or {})
-    t0 = time.perf_counter()
-    say("strategies and costs")
+    timings = dict(timings_s or {}) | {"strategies_s": 0.0, "solve_s": 0.0}
     prof = profile_db.load(profile, hw.name) if profile else None
-    g = build(traced.gm, mesh_shape, hw, traced.trainable, pin_for(strategy), profile=prof)
-    if strategy in PARAM_MODES:
-        add_param_modes(g, PARAM_MODES[strategy])
-    elif memory_budget is not None:  # ZeRO-3 and offload only ever buy memory
-        add_param_modes(g)
-    timings["strategies_s"] = time.perf_counter() - t0
-    say("solving the ILP")
-    if memory_budget == "min":  # the plan with the smallest peak, whatever its step time
-        sol = ilp.solve(g, objective="memory", time_limit_s=time_limit_s)
-    else:
-        sol = ilp.solve(g, memory_budget_bytes=parse_bytes(memory_budget), time_limit_s=time_limit_s)
-    timings["solve_s"] = sol.solve_s
+    fusions = fusion.planned(traced.gm.graph, kernels, hw.fused_kernels)
+    while True:  # until every chain priced as fused can run fused (each round drops some)
+        t0 = time.perf_counter()
+        say("strategies and costs")
+        g = build(traced.gm, mesh_shape, hw, traced.trainable, pin_for(strategy), profile=prof)
+        if strategy in PARAM_MODES:
+            add_param_modes(g, PARAM_MODES[strategy])
+        elif memory_budget is not None:  # ZeRO-3 and offload only ever buy memory
+            add_param_modes(g)
+        timings["strategies_s"] += time.perf_counter() - t0
+        say("solving the ILP")
+        if memory_budget == "min":  # the plan with the smallest peak, whatever its step time
+            sol = ilp.solve(g, objective="memory", time_limit_s=time_limit_s)
+        else:
+            sol = ilp.solve(g, memory_budget_bytes=parse_bytes(memory_budget), time_limit_s=time_limit_s)
+        timings["solve_s"] += sol.solve_s
+        fused = [f for f in fusions if fusion.runs_fused(f, *_lookups(g, sol.choice))]
+        if len(fused) == len(fusions):
+            break
+        fusions = fused
+        fusion.mark(traced.gm.graph, fusions)  # the others are priced unfused next round
     fallback = sorted({str(nc.node.target) for nc in g.nodes.values() if nc.fallback})
     if fallback:
         warnings.warn(
@@ -95,6 +106,7 @@ def plan_traced(
         recompute=sorted(sol.recomputed, key=_block_order),
         alternatives=alternatives(g, sol.choice),
         costs=cost_sources(g, sol.choice),
+        fusions=[asdict(f) for f in fusions],
         fallback_ops=fallback,
         solver={
             "status": sol.status,
@@ -114,16 +126,17 @@ def plan_traced(
 def cost_sources(g: StrategyGraph, choice: dict[str, int]) -> dict:
     """Which of the chosen strategies' prices were measured (a profile) and which estimated."""
     prof = g.pricing.profile if g.pricing else None
+    fused = sum(fusion.role(nc.node) == "tail" for nc in g.nodes.values())
     if prof is None:
-        return {"source": f"hardware table ({g.hw.name})"}
+        return {"source": f"hardware table ({g.hw.name})", "fused_chains": fused}
     estimated = []
     for name, nc in g.nodes.items():
-        if nc.kind == "op":
+        if nc.kind == "op" and not fusion.role(nc.node):
             grads = input_grads(g.nodes, nc.node)
             sig = profile_db.op_signature(nc.node, g.spec_of(name, choice).ins, grads, g.mesh_shape)
             if prof.op_s(sig) is None:
                 estimated.append(name)
-    n_ops = sum(nc.kind == "op" for nc in g.nodes.values())
+    n_ops = sum(nc.kind == "op" and not fusion.role(nc.node) for nc in g.nodes.values())
     links = g.links
     return {
         "source": f"profile {prof.path}",
@@ -132,7 +145,13 @@ def cost_sources(g: StrategyGraph, choice: dict[str, int]) -> dict:
         "estimated_ops": estimated,
         "collectives_measured": {f"axis{i}": [k for k, _, _ in link.fitted] for i, link in enumerate(links)},
         "optimizer_measured": prof.optimizer_s(g.mesh_shape, 0) is not None,
+        "fused_chains": fused,
     }
+
+
+def _lookups(g: StrategyGraph, choice: dict[str, int]):
+    """A node's fx node and its chosen strategy, by name."""
+    return (lambda name: g.nodes[name].node), (lambda name: g.spec_of(name, choice))
 
 
 def _block_order(block: str) -> tuple[str, int]:

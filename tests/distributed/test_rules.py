@@ -4,8 +4,10 @@ For each distinct op node of small models covering all rule families (and of the
 models, up to three shapes per op), and for meshes (4,) and (2, 2), each strategy the rules
 offer is run the way the emitted module runs it (DTensor dispatch, or ``local_call`` for the
 ops that run on local shards) with inputs laid out as the strategy says. It must (1)
-communicate nothing, (2) produce exactly the planned output placements, (3) give the
-single-device values, and (4) give the single-device input gradients. A wrong rule fails here.
+communicate nothing but the collectives the rule declares inside the op (vocabulary-parallel
+cross entropy's all-reduces, ``rules.INNER_COLLECTIVES``), (2) produce exactly the planned
+output placements, (3) give the single-device values, and (4) give the single-device input
+gradients. A wrong rule fails here.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ def _int_bound(node: fx.Node) -> int:
     """Integer inputs are drawn below this: indices must be valid for the looked-up tensor."""
     if node.target is torch.ops.aten.one_hot.default:
         return node.args[1]
+    if node.target is torch.ops.aten.cross_entropy_loss.default:  # targets in every vocabulary shard
+        return node.args[0].meta["val"].shape[1]
     if node.target in rules.lookup.OPS:
         return min(4, *node.args[0].meta["val"].shape)
     return 4
@@ -146,8 +150,10 @@ def _check_one(node, s, full, ref, weights, grads_ref, mesh, ctx) -> str:
     ins = [reshard(x, short(spec)) if spec != no_partial(spec) else x for x, spec in zip(leaves, s.ins)]
     with CommDebugMode() as comm:
         out = _outs(_call(node, ins, short(s.out), ctx))
-    if comm.get_total_counts():
-        return f"communicated {dict(comm.get_comm_counts())}"
+    inner = rules.INNER_COLLECTIVES.get(node.target)
+    declared = len(inner(node, s, tuple(mesh.shape))) if inner else 0
+    if comm.get_total_counts() != declared:
+        return f"communicated {dict(comm.get_comm_counts())}, declared {declared} collectives"
     for o, r in zip(out, ref):
         if not isinstance(o, DTensor):
             return f"output is {type(o).__name__}, not a DTensor"

@@ -32,7 +32,7 @@ def test_plan_json_round_trip(tmp_path):
     path = tmp_path / "p.json"
     plan.save(path)
     data = json.loads(path.read_text())
-    assert data["format_version"] == FORMAT_VERSION == 3 and data["mesh_shape"] == [2, 2]
+    assert data["format_version"] == FORMAT_VERSION == 4 and data["mesh_shape"] == [2, 2]
     again = load_plan(path)
     assert again == plan
 

@@ -140,7 +140,7 @@ def test_a_plan_priced_from_the_database_uses_its_numbers(tmp_path):
         # every step of a layout change costs ALPHA_S: a node's comm time is a multiple of it
         assert n.comm_s / ALPHA_S == pytest.approx(round(n.comm_s / ALPHA_S)), n
     table = make_plan(model, (), MESH, example_kwargs=kwargs, gpu="cpu")
-    assert table.costs == {"source": "hardware table (cpu)"}
+    assert table.costs == {"source": "hardware table (cpu)", "fused_chains": 0}
 
 
 def test_unmeasured_ops_are_estimated_and_listed(tmp_path):

@@ -30,6 +30,8 @@ RULES: dict[object, RuleFn] = {}
 FLOPS: dict[object, object] = {}
 #: op -> predicate: the op's rule covers only the calls it accepts
 SUPPORTED: dict[object, object] = {}
+#: op -> (node, strategy, mesh shape) -> the collectives a strategy runs inside the op
+INNER_COLLECTIVES: dict[object, object] = {}
 for _family in (
     matmul,
     elementwise,
@@ -46,6 +48,7 @@ for _family in (
     RULES.update(_family.RULES)
     FLOPS.update(getattr(_family, "FLOPS", {}))
     SUPPORTED.update(getattr(_family, "SUPPORTED", {}))
+    INNER_COLLECTIVES.update(getattr(_family, "INNER_COLLECTIVES", {}))
 
 #: Ops whose node takes its producer's decision in the ILP (one non-parameter input).
 FOLLOWERS = (
