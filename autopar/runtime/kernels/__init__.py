@@ -29,6 +29,18 @@ def triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+if triton_installed():
+    import triton
+    import triton.language as tl
+
+    jit = triton.jit
+else:  # only backend="torch" can run: resolve() never picks the kernels, which stay plain functions
+    triton = tl = None
+
+    def jit(fn):
+        return fn
+
+
 def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 

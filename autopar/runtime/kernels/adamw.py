@@ -20,23 +20,12 @@ import torch
 from torch import Tensor
 
 from autopar.errors import AutoparError
-from autopar.runtime.kernels import resolve, triton_installed
-
-if triton_installed():
-    import triton
-    import triton.language as tl
-
-    _jit = triton.jit
-else:  # only backend="torch" can run: resolve() never picks these kernels, which stay plain functions
-
-    def _jit(fn):
-        return fn
-
+from autopar.runtime.kernels import jit, resolve, tl, triton
 
 _BLOCK = 1024
 
 
-@_jit
+@jit
 def _adamw_kernel(
     p_ptr,
     g_ptr,

@@ -18,23 +18,12 @@ import torch
 from torch import Tensor
 
 from autopar.errors import AutoparError
-from autopar.runtime.kernels import resolve, triton_installed
-
-if triton_installed():
-    import triton
-    import triton.language as tl
-
-    _jit = triton.jit
-else:  # only backend="torch" can run: resolve() never picks these kernels, which stay plain functions
-
-    def _jit(fn):
-        return fn
-
+from autopar.runtime.kernels import jit, resolve, tl, triton
 
 _MAX_BLOCK_VOCAB = 4096
 
 
-@_jit
+@jit
 def _row_max_kernel(logits_ptr, out_ptr, V, BLOCK_V: tl.constexpr):
     row = tl.program_id(0)
     logits_row = logits_ptr + tl.cast(row, tl.int64) * V
@@ -46,7 +35,7 @@ def _row_max_kernel(logits_ptr, out_ptr, V, BLOCK_V: tl.constexpr):
     tl.store(out_ptr + row, tl.max(acc, axis=0))
 
 
-@_jit
+@jit
 def _sumexp_and_target_kernel(
     logits_ptr, row_max_ptr, target_ptr, sumexp_ptr, target_logit_ptr, V, vocab_offset, BLOCK_V: tl.constexpr
 ):
@@ -65,7 +54,7 @@ def _sumexp_and_target_kernel(
     tl.store(target_logit_ptr + row, target_logit)
 
 
-@_jit
+@jit
 def _logits_grad_kernel(
     logits_ptr,
     row_max_ptr,

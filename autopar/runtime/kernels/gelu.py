@@ -14,18 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from autopar.errors import AutoparError
-from autopar.runtime.kernels import resolve, triton_installed
-
-if triton_installed():
-    import triton
-    import triton.language as tl
-
-    _jit = triton.jit
-else:  # only backend="torch" can run: resolve() never picks these kernels, which stay plain functions
-
-    def _jit(fn):
-        return fn
-
+from autopar.runtime.kernels import jit, resolve, tl, triton
 
 APPROXIMATIONS = ("none", "tanh")
 _TILE_ELEMENTS = 4096  # elements one program handles per row tile
@@ -33,13 +22,13 @@ _MAX_BLOCK_COLS = 1024
 _MAX_ROW_PROGRAMS = 128  # backward: programs along rows, each owning one row of dbias partial sums
 
 
-@_jit
+@jit
 def _tanh(u):
     # tanh from exp: saturates to +-1 without overflow problems (exp -> inf gives 1, exp -> 0 gives -1)
     return 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
 
 
-@_jit
+@jit
 def _gelu(h, TANH: tl.constexpr):
     if TANH:
         # 0.7978845608028654 = sqrt(2 / pi)
@@ -50,7 +39,7 @@ def _gelu(h, TANH: tl.constexpr):
     return y
 
 
-@_jit
+@jit
 def _gelu_grad(h, TANH: tl.constexpr):
     if TANH:
         t = _tanh(0.7978845608028654 * (h + 0.044715 * h * h * h))
@@ -62,7 +51,7 @@ def _gelu_grad(h, TANH: tl.constexpr):
     return d
 
 
-@_jit
+@jit
 def _bias_gelu_fwd_kernel(
     x_ptr,
     bias_ptr,
@@ -84,7 +73,7 @@ def _bias_gelu_fwd_kernel(
     tl.store(y_ptr + offs, _gelu(h, TANH).to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@_jit
+@jit
 def _bias_gelu_bwd_kernel(
     grad_ptr,
     x_ptr,

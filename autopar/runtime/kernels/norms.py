@@ -17,24 +17,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from autopar.errors import AutoparError
-from autopar.runtime.kernels import resolve, triton_installed
-
-if triton_installed():
-    import triton
-    import triton.language as tl
-
-    _jit = triton.jit
-else:  # only backend="torch" can run: resolve() never picks these kernels, which stay plain functions
-
-    def _jit(fn):
-        return fn
-
+from autopar.runtime.kernels import jit, resolve, tl, triton
 
 _MAX_BLOCK_COLS = 4096
 _MAX_BWD_PROGRAMS = 256  # backward: programs over rows, each owning one row of dweight/dbias partial sums
 
 
-@_jit
+@jit
 def _layer_norm_fwd_kernel(
     x_ptr,
     w_ptr,
@@ -77,7 +66,7 @@ def _layer_norm_fwd_kernel(
         tl.store(y_ptr + offset + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@_jit
+@jit
 def _layer_norm_bwd_kernel(
     dy_ptr,
     x_ptr,
@@ -132,7 +121,7 @@ def _layer_norm_bwd_kernel(
             tl.store(dx_ptr + offset + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-@_jit
+@jit
 def _rms_norm_fwd_kernel(
     x_ptr, w_ptr, y_ptr, rstd_ptr, N, eps, HAS_WEIGHT: tl.constexpr, BLOCK_N: tl.constexpr
 ):
@@ -155,7 +144,7 @@ def _rms_norm_fwd_kernel(
         tl.store(y_ptr + offset + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@_jit
+@jit
 def _rms_norm_bwd_kernel(
     dy_ptr,
     x_ptr,
