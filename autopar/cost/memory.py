@@ -36,6 +36,8 @@ class Saved:
     output: bool
     #: bytes of tensors it keeps that are neither an input nor its output
     extra_bytes: int
+    #: other nodes whose output it keeps (a fused chain's kernel keeps the chain's input)
+    others: tuple[str, ...] = ()
 
 
 _CACHE: dict[tuple, Saved] = {}

@@ -38,6 +38,11 @@ aten = torch.ops.aten
 
 #: ``node.meta`` key: ``"tail"`` or ``"member"`` for the nodes of a chain the plan fuses
 FUSED_ROLE = "autopar_fused"
+#: ``node.meta`` key of a fused chain's tail: its ``Fusion``
+FUSION = "autopar_fusion"
+
+#: fp32 values per row a norm kernel keeps for backward (mean and rstd; rstd)
+STATS_PER_ROW = {"layer_norm": 2, "rms_norm": 1, "gelu": 0}
 
 _TANH_SCALE = math.sqrt(2.0 / math.pi)
 
@@ -219,10 +224,12 @@ def mark(graph: fx.Graph, fusions: list[Fusion]) -> None:
     by_name = {n.name: n for n in graph.nodes}
     for n in graph.nodes:
         n.meta.pop(FUSED_ROLE, None)
+        n.meta.pop(FUSION, None)
     for f in fusions:
         for name in f.nodes[:-1]:
             by_name[name].meta[FUSED_ROLE] = "member"
         by_name[f.tail].meta[FUSED_ROLE] = "tail"
+        by_name[f.tail].meta[FUSION] = f
 
 
 def role(node: fx.Node) -> str:

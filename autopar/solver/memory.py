@@ -46,8 +46,9 @@ import torch
 import torch.fx as fx
 
 from autopar.cost.compute import BACKWARD_OVER_FORWARD
-from autopar.cost.memory import saved_for_backward
+from autopar.cost.memory import Saved, saved_for_backward
 from autopar.cost.pricing import out_bytes
+from autopar.solver import fusion
 from autopar.solver.graph import EdgeUse, NodeChoices, StrategyGraph, master_itemsize, node_inputs, split_axes
 from autopar.solver.repeats import Repeats, find_repeats
 from autopar.solver.rules.base import tensor_args
@@ -338,9 +339,20 @@ def _add_inner_copy(g: StrategyGraph, seg: Segment, src: NodeChoices, nc: NodeCh
         seg.transients.setdefault(_expr_key(t), t)
 
 
-def kept_by(g: StrategyGraph, nc: NodeChoices):
-    """What op ``nc`` keeps for backward, given which of its inputs need gradients."""
+def kept_by(g: StrategyGraph, nc: NodeChoices) -> Saved:
+    """What op ``nc`` keeps for backward, given which of its inputs need gradients. A chain
+    the plan fuses keeps what its kernel does, at its tail: the chain's input, the weights it
+    reads and per-row fp32 statistics; its other members keep nothing."""
     args = tensor_args(nc.node)
+    role = fusion.role(nc.node)
+    if role == "member" or (role == "tail" and not nc.requires_grad):
+        return Saved((), False, 0)
+    if role == "tail":
+        f = nc.node.meta[fusion.FUSION]
+        weights = tuple(k for k, a in enumerate(args) if a.name in f.params)
+        v = nc.node.meta["val"]
+        stats_bytes = 4 * fusion.STATS_PER_ROW[f.kind] * v.numel() // max(v.shape[-1], 1)
+        return Saved(weights, False, stats_bytes, others=(f.x,))
     return saved_for_backward(nc.node, args, [_requires_grad(g, a) for a in args])
 
 
@@ -469,6 +481,7 @@ def _saved_storages(g: StrategyGraph, storage: dict[str, int]) -> set[str]:
         for k in kept.inputs:
             if args[k].name in base_of:
                 saved.add(base_of[args[k].name])
+        saved.update(base_of[n] for n in kept.others if n in base_of)
         if kept.output and name in base_of:
             saved.add(base_of[name])
     return {n for n in saved if g.nodes[n].kind not in LEAVES}

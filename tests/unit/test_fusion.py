@@ -10,9 +10,12 @@ import torch.nn.functional as F
 from autopar import AutoparError, make_plan
 from autopar.cost.comm import collective_time_s
 from autopar.cost.hardware import get_hardware
+from autopar.cost.memory import Saved
 from autopar.cost.pricing import FUSED_BACKWARD_OVER_FORWARD, Pricing, out_bytes
 from autopar.models import zoo
-from autopar.solver.fusion import find_fusions
+from autopar.solver.fusion import find_fusions, planned
+from autopar.solver.graph import build
+from autopar.solver.memory import kept_by
 from autopar.solver.rules.base import Strategy
 from autopar.solver.rules.loss import inner_collectives
 from autopar.solver.specs import parse
@@ -119,3 +122,20 @@ def test_vocabulary_parallel_loss_declares_and_prices_its_all_reduces():
     inner_s = sum(collective_time_s("all_reduce", b, 2, link) for b in (2 * rows, 4 * rows))
     assert Pricing(get_hardware("cpu")).inner_s(node, s, (2, 2)) == pytest.approx(inner_s)
     assert ce.compute_s > inner_s  # the op's own work comes on top
+
+
+def test_fused_chains_keep_what_their_kernels_keep():
+    model, kwargs = zoo.build("gpt2-124m", "tiny", batch=8, seq=32)
+    fused = make_plan(model, (), (2, 2), example_kwargs=kwargs, gpu="h100", kernels="fused")
+    eager = make_plan(model, (), (2, 2), example_kwargs=kwargs, gpu="h100", kernels="eager")
+    # eager, the GELU chain keeps its input, x^3, the tanh and more; fused, only its input
+    assert fused.memory["activation_bytes"] < eager.memory["activation_bytes"]
+    traced = trace(model, (), kwargs)
+    fusions = planned(traced.gm.graph, "fused", hw_fuses=False)
+    g = build(traced.gm, (2, 2), H100, traced.trainable)
+    gelu = next(f for f in fusions if f.kind == "gelu")
+    assert all(kept_by(g, g.nodes[n]) == Saved((), False, 0) for n in gelu.nodes[:-1])
+    assert kept_by(g, g.nodes[gelu.tail]) == Saved((), False, 0, others=(gelu.x,))
+    norm = next(f for f in fusions if f.kind == "layer_norm")
+    rows = 8 * 32
+    assert kept_by(g, g.nodes[norm.tail]) == Saved((1, 2), False, 4 * 2 * rows, others=(norm.x,))
