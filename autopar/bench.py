@@ -75,6 +75,7 @@ def compare(
     mixed_precision: str | None = None,
     progress: Callable[[str], None] | None = None,
     profile: str | None = None,
+    kernels: str = "auto",
 ) -> list[BenchRow]:
     """Plan ``model`` under each strategy on ``mesh_shape``, or on each of several mesh shapes
     (no ranks; meta tensors are fine). The model is traced once; ``progress`` hears each row."""
@@ -88,12 +89,12 @@ def compare(
     for mesh in meshes:
         for strategy in strategies:
             say(f"planning {strategy} on {'x'.join(map(str, mesh))}")
-            rows.append(_row(traced, mesh, strategy, gpu, memory_budget, mixed_precision, profile))
+            rows.append(_row(traced, mesh, strategy, gpu, memory_budget, mixed_precision, profile, kernels))
     return rows
 
 
 def _row(
-    traced, mesh: tuple[int, ...], strategy: str, gpu: str, memory_budget, mixed_precision, profile
+    traced, mesh: tuple[int, ...], strategy: str, gpu: str, memory_budget, mixed_precision, profile, kernels
 ) -> BenchRow:
     t0 = time.perf_counter()
     try:
@@ -105,6 +106,7 @@ def _row(
             strategy=strategy,
             mixed_precision=mixed_precision or "",
             profile=profile,
+            kernels=kernels,
         )
     except InfeasibleBudgetError as exc:
         return BenchRow(strategy, mesh, plan_s=time.perf_counter() - t0, problem=f"does not fit: {exc}")

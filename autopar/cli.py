@@ -53,6 +53,15 @@ def _model(
     )
 
 
+def _add_kernels(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--kernels",
+        choices=("auto", "fused", "eager"),
+        default="auto",
+        help="fused norm/GELU kernels: where the gpu runs them (auto), always, or never",
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="autopar", description="automatic parallelization for PyTorch")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -74,12 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--time-limit", type=float, default=None, help="solver time limit, seconds")
     p.add_argument("--profile", metavar="DB", help="price with the measurements in this profile database")
-    p.add_argument(
-        "--kernels",
-        choices=("auto", "fused", "eager"),
-        default="auto",
-        help="fused norm/GELU kernels: where the gpu runs them (auto), always, or never",
-    )
+    _add_kernels(p)
     p.add_argument("-o", "--output", help="write the plan as JSON")
     b = sub.add_parser("bench", help="compare classic strategies and auto on one mesh (offline)")
     b.add_argument("model", help="as for plan")
@@ -103,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         help="also measure each plan's step on a local CPU mesh (gloo; --size tiny)",
     )
     b.add_argument("--profile", metavar="DB", help="price with the measurements in this profile database")
+    _add_kernels(b)
     b.add_argument("--json", help="write the table as JSON")
     b.add_argument("--plot", help="draw step time and peak memory per strategy (PNG; needs matplotlib)")
     f = sub.add_parser(
@@ -207,6 +212,7 @@ def _bench(args: argparse.Namespace) -> int:
         mixed_precision=args.mixed_precision,
         progress=progress,
         profile=args.profile,
+        kernels=args.kernels,
     )
     progress.done()
     if args.run:

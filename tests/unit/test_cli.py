@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 from autopar import load_plan
@@ -34,6 +36,20 @@ def test_plan_a_zoo_model(capsys):
     assert main(["plan", "dlrm", "--size", "tiny", "--mesh", "2x2", "--batch", "8"]) == 0
     out = capsys.readouterr().out
     assert "tables" in out and "fallback ops (replicated, no sharding rule): none" in out
+
+
+def test_kernels_option_fuses_or_not(tmp_path, capsys):
+    args = ["llama3-8b", "--size", "tiny", "--mesh", "2x2", "--batch", "2", "--seq", "8"]
+    assert main(["plan", *args, "--kernels", "fused", "--gpu", "cpu"]) == 0
+    assert "fused kernels: 5 chains" in capsys.readouterr().out
+    assert main(["plan", *args, "--kernels", "eager"]) == 0
+    assert "fused kernels: none" in capsys.readouterr().out
+    step_s = {}
+    for kernels in ("fused", "eager"):  # priced for H100s: the fused kernels are cheaper
+        out = tmp_path / f"{kernels}.json"
+        assert main(["bench", *args, "--strategies", "auto", "--kernels", kernels, "--json", str(out)]) == 0
+        step_s[kernels] = json.loads(out.read_text())[0]["step_s"]
+    assert step_s["fused"] < step_s["eager"]
 
 
 def test_bad_input_is_one_clear_line(capsys):
