@@ -14,6 +14,7 @@ import warnings
 
 import torch.fx as fx
 
+from autopar.errors import PlanFormatError
 from autopar.passes.layouts import INSERTED
 from autopar.runtime.kernels.fused import KERNELS, fused_call
 from autopar.solver.fusion import layout_fits
@@ -26,6 +27,7 @@ def fuse_kernels(gm: fx.GraphModule, plan: Plan) -> fx.GraphModule:
         return gm
     by_name = {n.name: n for n in gm.graph.nodes}
     for f in plan.fusions:
+        _check_entry(f, by_name)
         chain = [by_name[n] for n in f["nodes"]]
         found = _inputs(chain, f)
         tail = chain[-1]
@@ -49,6 +51,21 @@ def fuse_kernels(gm: fx.GraphModule, plan: Plan) -> fx.GraphModule:
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def _check_entry(f: dict, by_name: dict[str, fx.Node]) -> None:
+    """A fusion entry of a plan file names a known kernel and nodes of this graph."""
+    kind = f.get("kind")
+    if kind not in KERNELS:
+        raise PlanFormatError(
+            f"plan fusion {kind!r} is not a known kernel ({', '.join(KERNELS)}); make the plan again"
+        )
+    nodes = f.get("nodes") or []
+    missing = [n for n in nodes if n not in by_name]
+    if not nodes or missing:
+        raise PlanFormatError(
+            f"plan fusion {kind} names nodes {missing} the graph does not have; make the plan again"
+        )
 
 
 def _inputs(chain: list[fx.Node], f: dict) -> tuple[fx.Node, list] | str:

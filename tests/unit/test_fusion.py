@@ -7,12 +7,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from autopar import AutoparError, make_plan
+from autopar import AutoparError, Plan, PlanFormatError, make_plan
 from autopar.cost.comm import collective_time_s
 from autopar.cost.hardware import get_hardware
 from autopar.cost.memory import Saved
 from autopar.cost.pricing import FUSED_BACKWARD_OVER_FORWARD, Pricing, out_bytes
 from autopar.models import zoo
+from autopar.passes.fuse import fuse_kernels
 from autopar.solver.fusion import find_fusions, planned
 from autopar.solver.graph import build
 from autopar.solver.memory import kept_by
@@ -139,3 +140,16 @@ def test_fused_chains_keep_what_their_kernels_keep():
     norm = next(f for f in fusions if f.kind == "layer_norm")
     rows = 8 * 32
     assert kept_by(g, g.nodes[norm.tail]) == Saved((1, 2), False, 4 * 2 * rows, others=(norm.x,))
+
+
+def test_a_plan_file_naming_an_unknown_kernel_or_node_is_refused():
+    model, kwargs = zoo.build("gpt2-124m", "tiny", batch=2, seq=8)
+    plan = make_plan(model, (), (2, 2), example_kwargs=kwargs, gpu="h100")
+    for change, says in (
+        ({"kind": "softmax"}, "'softmax' is not a known kernel"),
+        ({"nodes": ["nope"]}, "nope"),
+    ):
+        edited = Plan.from_json(plan.to_json())
+        edited.fusions[0].update(change)
+        with pytest.raises(PlanFormatError, match=says):
+            fuse_kernels(trace(model, (), kwargs).gm, edited)

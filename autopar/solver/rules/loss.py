@@ -74,7 +74,7 @@ def bce_options(node: fx.Node) -> list[Option]:
     equal-sized shards' means, exactly. Weights broadcast: sharded where they have the dim."""
     ins = tensor_args(node)
     logits = shape(ins[0])
-    reduction = node.args[4] if len(node.args) > 4 else node.kwargs.get("reduction", 1)
+    reduction = _arg(node, 4, "reduction", 1)
     options = [Option(R, (R,) * len(ins))]
     for d in range(len(logits)):
         extra = []
