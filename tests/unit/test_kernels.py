@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from autopar.errors import KernelError
+from autopar.runtime import kernels
 from autopar.runtime.kernels import adamw, cross_entropy, gelu, norms, resolve, triton_runs_on
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -85,7 +86,7 @@ def test_unknown_backend_is_a_kernel_error() -> None:
 
 
 def test_triton_on_cpu_without_interpreter_is_a_kernel_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(kernels, "INTERPRETED", False)
     with pytest.raises(KernelError, match="backend='triton' cannot run here"):
         resolve("triton", torch.device("cpu"), "layer_norm")
     with pytest.raises(KernelError, match="layer_norm: backend='triton'"):

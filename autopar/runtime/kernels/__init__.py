@@ -41,8 +41,9 @@ else:  # only backend="torch" can run: resolve() never picks the kernels, which 
         return fn
 
 
-def triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+#: whether Triton runs its kernels in the CPU interpreter: ``@triton.jit`` decides when a kernel
+#: is defined (when this package is imported), so setting ``TRITON_INTERPRET`` later changes nothing
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def triton_runs_on(device: torch.device) -> bool:
@@ -51,7 +52,7 @@ def triton_runs_on(device: torch.device) -> bool:
         return False
     if device.type == "cuda":
         return True
-    return device.type == "cpu" and triton_interpreted()
+    return device.type == "cpu" and INTERPRETED
 
 
 def resolve(backend: str, device: torch.device, kernel: str) -> str:
