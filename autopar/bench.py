@@ -12,6 +12,7 @@ table, and writes it as JSON or a bar chart.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import tempfile
@@ -31,6 +32,8 @@ from autopar.solver.planner import plan_traced
 from autopar.tracer import trace
 
 DEFAULT = ("dp", "zero2", "zero3", "megatron", "auto")
+#: untimed training steps before the timed ones (caches and autograd's first-call work)
+WARM_UP_STEPS = 2
 
 
 @dataclass
@@ -119,7 +122,8 @@ def _row(
 
 def measure(rows: list[BenchRow], build: Callable, build_args: tuple, steps: int = 3) -> None:
     """Run each row's plan on a local mesh of CPU processes (gloo) and set ``measured_s``: the
-    mean wall time of ``steps`` training steps (forward, backward, AdamW) after a warm-up one.
+    mean wall time of ``steps`` training steps (forward, backward, AdamW) after
+    ``WARM_UP_STEPS`` untimed ones, with Python's garbage collector paused.
     ``build(*build_args)`` makes the model and its inputs on every rank."""
     todo = [r for r in rows if r.plan_json]
     if not todo:
@@ -159,14 +163,19 @@ def _time_plans(
         try:  # a plan fails alike on every rank (same plan, same code), so each goes on
             pm = autoparallelize(model, (), mesh, example_kwargs=inputs, plan=plan)
             opt = torch.optim.AdamW(pm.parameters(), lr=1e-4)
-            for i in range(steps + 1):
-                if i == 1:
-                    dist.barrier()
-                    t0 = time.perf_counter()
-                _loss(pm(**inputs)).backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            dist.barrier()
+            gc.collect()  # the previous plan's module goes now, not while this one is timed
+            gc.disable()
+            try:
+                for i in range(steps + WARM_UP_STEPS):
+                    if i == WARM_UP_STEPS:
+                        dist.barrier()
+                        t0 = time.perf_counter()
+                    _loss(pm(**inputs)).backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                dist.barrier()
+            finally:
+                gc.enable()
             times.append({"s": (time.perf_counter() - t0) / steps})
         except Exception as exc:  # noqa: BLE001 - reported in the table, not a crash
             times.append({"error": f"{type(exc).__name__}: {exc}".splitlines()[0]})

@@ -11,7 +11,8 @@ has its own), and the slowest rank's time is kept:
   after a warm-up. Identical repeated blocks have identical signatures, so depth adds nothing.
 - **layout changes**: each step kind (all-reduce, reduce-scatter, all-gather, all-to-all,
   and the local slice and partial steps) on each mesh axis, through ``runtime.layout.reshard``
-  over a sweep of sizes; a line ``alpha + beta * bytes`` fitted per axis and kind.
+  over a sweep of sizes (each the mean of the middle half of many calls: a step pays every
+  call); a line ``alpha + beta * bytes`` fitted per axis and kind.
 - **optimizer**: an AdamW step over parameters of a sweep of sizes; a line per parameter.
 
 Times are wall clock, with the device synchronized around each call on GPU.
@@ -79,19 +80,30 @@ def op_tasks(traced: Traced, mesh_shape: Sequence[int]) -> list[OpTask]:
 
 #: a measurement's calls stop at this much time (after one): a slow op needs fewer repeats
 ENOUGH_S = 0.025
+#: a collective is timed over this many times more calls than an op (they are cheap to time)
+COLLECTIVE_CALLS_PER_REPEAT = 4
 
 
 class _Clock:
-    """Seconds per call of ``fn``: the median of up to ``repeats`` calls, on every rank at once,
-    the slowest rank's kept (by the caller). :meth:`warm` makes a first call (DTensor's
-    sharding caches fill, autograd's too when ``fn`` runs backward) and sets how many calls
-    follow: as many as the slowest rank's warm-up says fit in ``ENOUGH_S`` (at least one), the
-    same on every rank (an op may communicate inside). Calling the clock warms and times."""
+    """Seconds per call of ``fn``: the ``average`` (median unless told) of up to ``repeats``
+    calls, on every rank at once, the slowest rank's kept (by the caller). :meth:`warm` makes
+    a first call (DTensor's sharding caches fill, autograd's too when ``fn`` runs backward)
+    and sets how many calls follow: as many as the slowest rank's warm-up says fit in
+    ``enough_s`` (at least one), the same on every rank (an op may communicate inside).
+    Calling the clock warms and times."""
 
-    def __init__(self, device: torch.device, repeats: int) -> None:
+    def __init__(
+        self,
+        device: torch.device,
+        repeats: int,
+        average: Callable[[list[float]], float] = statistics.median,
+        enough_s: float = ENOUGH_S,
+    ) -> None:
         self.device = device
+        self.enough_s = enough_s
         self.repeats = repeats
         self.calls = repeats
+        self.average = average
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -104,7 +116,7 @@ class _Clock:
         self._sync()
         warm = torch.tensor([time.perf_counter() - t0], dtype=torch.float64, device=self.device)
         dist.all_reduce(warm, op=dist.ReduceOp.MAX)  # also lines the ranks up
-        self.calls = max(1, min(self.repeats, int(ENOUGH_S / max(warm.item(), 1e-9))))
+        self.calls = max(1, min(self.repeats, int(self.enough_s / max(warm.item(), 1e-9))))
 
     def time(self, fn: Callable[[], object]) -> float:
         times = []
@@ -114,11 +126,18 @@ class _Clock:
             fn()
             self._sync()
             times.append(time.perf_counter() - t0)
-        return statistics.median(times)
+        return self.average(times)
 
     def __call__(self, fn: Callable[[], object]) -> float:
         self.warm(fn)
         return self.time(fn)
+
+
+def _interquartile_mean(times: list[float]) -> float:
+    """The mean of the middle half of ``times`` (all of them when there are fewer than 4)."""
+    times = sorted(times)
+    cut = len(times) // 4
+    return statistics.fmean(times[cut : len(times) - cut])
 
 
 def _slowest(values: list[float], device: torch.device) -> list[float]:
@@ -165,13 +184,18 @@ def _op_call(task: OpTask, mesh: DeviceMesh) -> tuple[Callable[[], object], list
 
 def _with_backward(call: Callable[[], object], leaves: list[DTensor]) -> Callable[[], object]:
     """Forward and backward to the inputs' gradients, returned as the op's backward makes
-    them (nothing accumulated into the inputs, which could redistribute)."""
+    them (nothing accumulated into the inputs, which could redistribute). The output
+    gradients are made by the first call (the warm-up) and reused: making them costs more
+    than the backward of a small op, and in a training step the op before makes them."""
+    grads: list[torch.Tensor] = []
 
     def run() -> None:
         out = call()
         outs = [out] if isinstance(out, torch.Tensor) else [t for t in out if isinstance(t, torch.Tensor)]
         outs = [t for t in outs if t.requires_grad]
-        torch.autograd.grad(outs, leaves, [_grad_like(t) for t in outs], allow_unused=True)
+        if not grads:
+            grads.extend(_grad_like(t) for t in outs)
+        torch.autograd.grad(outs, leaves, grads, allow_unused=True)
 
     return run
 
@@ -232,14 +256,18 @@ _MOVES = {  # kind -> (from, to) on the measured axis, and whether B is the gath
 
 
 def profile_collectives(
-    mesh: DeviceMesh, sizes_bytes: Sequence[int] = SWEEP_BYTES, repeats: int = 3, rounds: int = 3
+    mesh: DeviceMesh, sizes_bytes: Sequence[int] = SWEEP_BYTES, repeats: int = 3, rounds: int = 5
 ) -> dict[str, dict]:
     """Fit ``alpha + beta * B`` for every kind of layout change (``cost.comm``: the collectives,
     and the local slice and partial-sum steps, whose cost is the runtime's own) on every mesh
     axis of size > 1, each timed as the emitted module runs it (``runtime.layout.reshard``). The sweep runs
     ``rounds`` times over all cases (median of ``repeats`` calls each, then the median over
-    rounds), so a slow spell of the machine does not land on one message size."""
-    clock = _Clock(torch.device(mesh.device_type), repeats)
+    rounds), so a slow spell of the machine does not land on one message size. Within a
+    round, the mean of the middle half of ``COLLECTIVE_CALLS_PER_REPEAT * repeats`` calls: a
+    step pays the sum of its collectives' times, not their median, and one call's time is
+    spread widely where ranks share cores (on 2 shared cores, from half to twice the mean)."""
+    per = COLLECTIVE_CALLS_PER_REPEAT
+    clock = _Clock(torch.device(mesh.device_type), per * repeats, _interquartile_mean, per * ENOUGH_S)
     cases: list[tuple[str, int, Callable[[], None]]] = []
     for axis, n in enumerate(mesh.shape):
         if n <= 1:
