@@ -8,12 +8,15 @@ step issues (``torch.ops._c10d_functional``), by kind and by where it came from:
 - ``its gradient``: the backward of such a change, or a parameter's gradient laid out as
   the parameter (``sync_grad``); the plan prices these with the layout change;
 - ``inside <op>``: DTensor redistributing an op's arguments itself, because its own sharding
-  rule for the op wanted other layouts (listed with the layouts);
+  rule for the op wanted other layouts (listed with the layouts). Mostly in backward ops,
+  whose layouts the plan does not choose: one may be a gradient move the plan prices on an
+  edge (a partial gradient made replicated), done inside the op instead of before it, or
+  one the plan prices nowhere;
 - ``local op``: the declared collectives of an op run on local shards (vocabulary-parallel
   cross entropy);
 - ``other``: anything else (DTensor's ``from_local`` / ``to_local`` backward, ...).
 
-The ``inside`` rows are collectives no layout change of the plan names.
+The ``inside`` rows are where a step's collectives can differ from the plan's.
 
 Run: python benchmarks/collective_count.py [--model llama3-8b] [--strategies auto,dp,megatron]
      [--profile PATH]   (plans priced from a profile database, as ``benchmarks/cost_model.py``)
@@ -112,7 +115,7 @@ def main() -> None:
     for strategy, counts in zip(strategies, per_plan):
         total = sum(n for _, _, n in counts)
         unplanned = sum(n for _, o, n in counts if o.startswith("inside"))
-        print(f"{a.model} {strategy}: {total} collectives per step, {unplanned} chosen by DTensor inside ops")
+        print(f"{a.model} {strategy}: {total} collectives per step, {unplanned} issued by DTensor inside ops")
         for kind, origin, n in counts:
             print(f"  {n:4d}  {kind:<24} {origin}")
 
