@@ -260,12 +260,12 @@ def profile_collectives(
 ) -> dict[str, dict]:
     """Fit ``alpha + beta * B`` for every kind of layout change (``cost.comm``: the collectives,
     and the local slice and partial-sum steps, whose cost is the runtime's own) on every mesh
-    axis of size > 1, each timed as the emitted module runs it (``runtime.layout.reshard``). The sweep runs
-    ``rounds`` times over all cases (median of ``repeats`` calls each, then the median over
-    rounds), so a slow spell of the machine does not land on one message size. Within a
-    round, the mean of the middle half of ``COLLECTIVE_CALLS_PER_REPEAT * repeats`` calls: a
-    step pays the sum of its collectives' times, not their median, and one call's time is
-    spread widely where ranks share cores (on 2 shared cores, from half to twice the mean)."""
+    axis of size > 1, each timed as the emitted module runs it (``runtime.layout.reshard``).
+    Each case is timed as the mean of the middle half of ``COLLECTIVE_CALLS_PER_REPEAT *
+    repeats`` calls: a step pays the sum of its collectives' times, not their median, and one
+    call's time is spread widely where ranks share cores (on 2 shared cores, from half to
+    twice the mean). The sweep runs ``rounds`` times over all cases and keeps each case's
+    median over rounds, so a slow spell of the machine does not land on one message size."""
     per = COLLECTIVE_CALLS_PER_REPEAT
     clock = _Clock(torch.device(mesh.device_type), per * repeats, _interquartile_mean, per * ENOUGH_S)
     cases: list[tuple[str, int, Callable[[], None]]] = []
