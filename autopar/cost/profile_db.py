@@ -4,7 +4,7 @@
 file is JSON, keyed first by the *device key* (device name and torch version: another GPU or
 another torch is another key, so a stale entry is never read for the wrong machine)::
 
-    {"format": 1,
+    {"format": 2,
      "devices": {"<device> | torch <version>": {
         "ops": {"<signature>": {"forward_s", "backward_s" (null: no gradient), "flops", "bytes",
                                 "dtype"}},
@@ -44,7 +44,8 @@ from autopar.cost.hardware import Hardware, Link
 from autopar.errors import AutoparError
 from autopar.solver.specs import Spec, local_shape
 
-FORMAT = 1
+#: 2: ops run, and are timed, on local shards (format 1 timed most through DTensor's dispatcher)
+FORMAT = 2
 
 
 class ProfileError(AutoparError):

@@ -6,8 +6,8 @@ has its own), and the slowest rank's time is kept:
 
 - **ops**: every distinct signature (``cost.profile_db.op_signature``) that some strategy of
   some node needs, once: DTensor inputs of random values in the strategy's input layouts,
-  called the way the emitted module calls the op (through DTensor, or on local shards for
-  ``LOCAL_OPS``), forward alone and forward with backward; median of up to ``repeats`` calls
+  called the way the emitted module calls the op (on local shards, or through DTensor for
+  ``rules.DISPATCHED``), forward alone and forward with backward; median of up to ``repeats`` calls
   after a warm-up. Identical repeated blocks have identical signatures, so depth adds nothing.
 - **layout changes**: each step kind (all-reduce, reduce-scatter, all-gather, all-to-all,
   and the local slice and partial steps) on each mesh axis, through ``runtime.layout.reshard``

@@ -4,11 +4,11 @@ For every node, in order: inputs are cut to this rank's shard (``distribute_inpu
 parameters pass through ``sync_grad`` (their gradient ends in their own layout), offloaded
 ones through ``to_device`` first, under mixed precision through ``to_dtype`` (the compute
 copy; its gradient comes back in the master dtype), and a ``zero3`` one is gathered by
-``gather_for_use`` (``runtime.zero``); each
-tensor argument whose current layout differs from what the consumer's planned strategy
-needs goes through ``reshard``; ops planned to run on local shards (attention, fallback ops)
-are called through ``local_call``; creation ops are wrapped as replicated DTensors; outputs
-lose partial sums and replicated ones are handed back as plain tensors.
+``gather_for_use`` (``runtime.zero``); each tensor argument whose current layout differs
+from what the consumer's planned strategy needs goes through ``reshard``; ops that run on
+local shards (all but views, factories, dropout and in-place writes: ``runs_locally``) are
+called through ``local_call``; creation ops are wrapped as replicated DTensors; outputs lose
+partial sums and replicated ones are handed back as plain tensors.
 """
 
 from __future__ import annotations
@@ -115,8 +115,9 @@ def _relayout_args(node: fx.Node, needs: list[str], as_layout) -> tuple:
 
 
 def runs_locally(node: fx.Node) -> bool:
-    """Attention and ops without a rule run on local shards (``local_call``)."""
-    return node.target in rules.LOCAL_OPS or not rules.has_rule(node)
+    """Every op but views, factories, dropout and in-place writes (``rules.DISPATCHED``) runs
+    on local shards (``local_call``); so does an op with no rule."""
+    return not rules.has_rule(node) or node.target not in rules.DISPATCHED
 
 
 def _emit_outputs(out: fx.Node, layout, as_layout, graph: fx.Graph) -> None:

@@ -1,11 +1,15 @@
 """Ops that run on each rank's local shards instead of through DTensor's dispatcher.
 
-The rule families name these ops (``LOCAL_OPS``): attention (DTensor has no rule for the CPU
-kernel tracing picks), einsum, convolution and pooling, lookups (embedding, gather,
-index, one-hot), top-k, the cross entropies, clone (DTensor would reduce a partial sum
-first), and ops with no rule (replicated). A
-strategy of such an op is exactly a statement that the op on local shards gives this rank's
+That is every op but the few DTensor runs (``rules.DISPATCHED``: views and factories, whose
+arguments are global sizes, dropout and in-place writes), and every op with no rule
+(replicated). A strategy is exactly a statement that the op on local shards gives this rank's
 piece of the result, so :func:`local_call` unwraps, calls, and wraps in the planned layout.
+
+Why not DTensor's dispatcher: it would compute the same forward, but in backward it picks
+its own layouts for the gradient ops and redistributes their arguments itself, issuing
+collectives the plan neither chose nor priced (an all-gather inside a matmul's backward, a
+reduce-scatter inside a product's). On local shards the backward is the local op's backward,
+and every collective of a step is a layout change the plan made or its gradient.
 
 Two lookups need more than the plain op: when the table is sharded along the dim being
 looked up (row-wise embedding, vocab-parallel embedding), each rank looks up only the

@@ -1,4 +1,11 @@
-"""Measure the peak memory of a training step on this process, with the allocator's own count.
+"""Measure a training step on this process: its peak memory, and the collectives it issues.
+
+**Collectives** (:func:`count_collectives`): every functional collective called while the
+context is open, by kind and by who issued it (``ORIGINS``). A plan prices its layout
+changes and their gradients; a collective DTensor issues *inside* an op's dispatch, to give
+the op arguments in layouts of its own choosing, is one the plan did not choose.
+
+**Peak memory** is measured with the allocator's own count.
 
 ``torch.profiler`` with ``profile_memory=True`` records every allocation and free of the
 CPU allocator. :func:`step_peak_bytes` runs a warm-up step and then measured steps inside one
@@ -19,12 +26,17 @@ allocates, so a memory model that under-counts is still caught. This is how the 
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import gc
-from collections.abc import Callable, Iterable
+import os
+import sys
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch._C._profiler import _EventType
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._dispatch import OpDispatcher
 from torch.profiler import ProfilerActivity, profile, record_function
 
 _MARK = "autopar.measured_step"
@@ -93,3 +105,60 @@ def _largest_rise(allocations: list[tuple[int, int]], window: tuple[int, int]) -
         else:
             break
     return rise
+
+
+KINDS = ("all_reduce", "all_gather_into_tensor", "reduce_scatter_tensor", "all_to_all_single")
+#: who issued a collective, as :func:`count_collectives` tells them apart
+ORIGINS = {
+    "layout change": "a layout change the plan made (``runtime.layout.reshard``), forward",
+    "its gradient": "the backward of a layout change: a gradient laid out as the plan prices it "
+    "(made whole where an op on local shards hands it back, or laid out as its parameter)",
+    "inside an op": "DTensor, giving an op's arguments layouts of its own choosing (unplanned)",
+    "local op": "the declared collectives of an op run on local shards (``runtime.vocab_parallel``)",
+    "other": "anything else",
+}
+#: the frame of DTensor's dispatcher that redistributes an op's arguments
+_DTENSOR_REDISTRIBUTES = "redistribute_local_args"
+
+
+def _origin() -> str:
+    """Who issued the collective being called: the innermost frame that says."""
+    f = sys._getframe(2)
+    while f is not None:
+        name, path = f.f_code.co_name, f.f_code.co_filename
+        if name == _DTENSOR_REDISTRIBUTES:
+            return "inside an op"
+        if path.endswith("vocab_parallel.py"):
+            return "local op"
+        gradient_code = path.endswith(("_redistribute.py", "layout.py", f"tensor{os.sep}_api.py"))
+        if name in ("_redistribute_backward", "backward") and gradient_code:
+            return "its gradient"
+        if name == "reshard" and path.endswith("layout.py"):
+            return "layout change"
+        f = f.f_back
+    return "other"
+
+
+@contextlib.contextmanager
+def count_collectives() -> Iterator[collections.Counter]:
+    """Count the functional collectives called inside: ``counter[(kind, origin)]``."""
+    if not hasattr(OpDispatcher, _DTENSOR_REDISTRIBUTES):  # else "inside an op" could never show
+        raise RuntimeError(f"this torch's DTensor has no OpDispatcher.{_DTENSOR_REDISTRIBUTES}")
+    counts: collections.Counter = collections.Counter()
+    ns = torch.ops._c10d_functional
+    originals = {kind: getattr(ns, kind) for kind in KINDS}
+
+    def counted(kind: str) -> Callable:
+        def call(*args, **kwargs):
+            counts[(kind, _origin())] += 1
+            return originals[kind](*args, **kwargs)
+
+        return call
+
+    for kind in KINDS:
+        setattr(ns, kind, counted(kind))
+    try:
+        yield counts
+    finally:
+        for kind, op in originals.items():
+            setattr(ns, kind, op)

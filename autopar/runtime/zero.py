@@ -45,24 +45,27 @@ def _memory(t: torch.Tensor) -> int:
 
 @dataclass
 class _Note:
-    """Stands in for a saved view of a gathered parameter until backward unpacks it."""
+    """Stands in for a saved view of a gathered parameter until backward unpacks it: the
+    view's local strides, and its DTensor layout if it was saved as a DTensor (an op run on
+    local shards saves the plain local tensor)."""
 
     shard: DTensor
     spec: str
     size: tuple[int, ...]
     stride: tuple[int, ...]
     offset: int
-    placements: tuple
-    shape: torch.Size
-    global_stride: tuple[int, ...]
+    #: (placements, global shape, global stride) of a DTensor view; None for a local one
+    dtensor: tuple[tuple, torch.Size, tuple[int, ...]] | None
 
-    def gather(self) -> DTensor:
+    def gather(self) -> torch.Tensor:
         with torch.no_grad():
             full = reshard(self.shard, self.spec)
         local = plain(full._local_tensor).as_strided(self.size, self.stride, self.offset)
-        mesh, placements = full.device_mesh, self.placements
+        if self.dtensor is None:
+            return local
+        placements, shape, stride = self.dtensor
         return DTensor.from_local(
-            local, mesh, placements, run_check=False, shape=self.shape, stride=self.global_stride
+            local, full.device_mesh, placements, run_check=False, shape=shape, stride=stride
         )
 
 
@@ -80,16 +83,13 @@ class Refetch:
         self.gathered[_memory(local)] = (weakref.ref(local), shard.detach(), spec)
 
     def pack(self, t: torch.Tensor) -> object:
-        if not isinstance(t, DTensor):
-            return t
-        local = plain(t._local_tensor)
+        is_dtensor = isinstance(t, DTensor)
+        local = plain(t._local_tensor if is_dtensor else t)
         hit = self.gathered.get(_memory(local))
         if hit is None or hit[0]() is None:  # while the gathered tensor lives, so does its memory
             return t
-        return _Note(
-            hit[1], hit[2], tuple(local.size()), local.stride(), local.storage_offset(),
-            tuple(t.placements), t.shape, t.stride(),
-        )  # fmt: skip
+        layout = (tuple(t.placements), t.shape, t.stride()) if is_dtensor else None
+        return _Note(hit[1], hit[2], tuple(local.size()), local.stride(), local.storage_offset(), layout)
 
 
 def _unpack(x: object) -> torch.Tensor:

@@ -3,7 +3,8 @@ plan and the pinned dp and megatron layouts.
 
 For every case: the output, the loss, every parameter's gradient, and every parameter after
 3 AdamW steps match the single-device model within 1e-5 (fp32); every gradient has its
-parameter's placements; parameter names are the original FQNs.
+parameter's placements; parameter names are the original FQNs; every collective of the
+forward and backward is one the plan made (``runtime.measure.count_collectives``).
 
 The GPT here has no q/k/v biases: a key bias's gradient is zero in exact arithmetic (softmax
 ignores a shift shared by all keys), so in fp32 it is rounding noise, and AdamW's first steps
@@ -17,6 +18,7 @@ direction under a different (equally correct) summation order; at lr 1e-4 that s
 
 from __future__ import annotations
 
+import collections
 import copy
 import tempfile
 
@@ -29,6 +31,7 @@ from autopar import Plan, autoparallelize, load_plan, make_plan
 from autopar.models import GPT, MLP, GPTConfig
 from autopar.runtime.layout import reshard, to_dtensor
 from autopar.runtime.local_ops import local_call
+from autopar.runtime.measure import count_collectives
 from autopar.solver.specs import parse
 from tests.distributed.harness import run_on_mesh
 
@@ -67,9 +70,10 @@ def _run_case(model_name: str, mesh_shape: tuple[int, ...], strategy: str, gpu: 
     for step in range(3):
         opt.zero_grad()
         ref_opt.zero_grad()
-        out, loss = pm(**inputs)
+        with count_collectives() as collectives:
+            out, loss = pm(**inputs)
+            loss.backward()
         ref_out, ref_loss = ref(**inputs)
-        loss.backward()
         ref_loss.backward()
         if step == 0:
             result["output_err"] = (_full(out) - ref_out).abs().max().item()
@@ -79,6 +83,7 @@ def _run_case(model_name: str, mesh_shape: tuple[int, ...], strategy: str, gpu: 
             )
             result["grad_placements_match"] = all(p.grad.placements == p.placements for p in params.values())
             result["all_dtensor"] = all(isinstance(p, DTensor) for p in params.values())
+            result["collective_origins"] = dict(collections.Counter(o for (_, o) in collectives.elements()))
         opt.step()
         ref_opt.step()
     result["param_err_after_3_steps"] = max(
@@ -146,6 +151,17 @@ def test_gradient_through_a_strided_reshard(results):
 def test_parameters_are_dtensors_with_original_names(results, case):
     r = results[case]
     assert r["names_match"] and r["all_dtensor"] and r["grad_placements_match"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_every_collective_is_one_the_plan_made(results, case):
+    """A training step's collectives are the plan's layout changes, their gradients and the
+    loss's declared ones; none is DTensor's own (it redistributes the arguments of an op it
+    dispatches when its rule wants other layouts, and the plan would not have priced that)."""
+    origins = results[case]["collective_origins"]
+    assert set(origins) <= {"layout change", "its gradient", "local op"}, origins
+    if "megatron" in case:  # sharded linears: there are collectives to check
+        assert sum(origins.values()) > 0
 
 
 def test_saved_plan_is_applied_as_planned(results):

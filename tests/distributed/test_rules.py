@@ -2,12 +2,14 @@
 
 For each distinct op node of small models covering all rule families (and of the zoo's tiny
 models, up to three shapes per op), and for meshes (4,) and (2, 2), each strategy the rules
-offer is run the way the emitted module runs it (DTensor dispatch, or ``local_call`` for the
-ops that run on local shards) with inputs laid out as the strategy says. It must (1)
+offer is run the way the emitted module runs it (``local_call`` on local shards, or DTensor
+dispatch for ``rules.DISPATCHED``) with inputs laid out as the strategy says. It must (1)
 communicate nothing but the collectives the rule declares inside the op (vocabulary-parallel
 cross entropy's all-reduces, ``rules.INNER_COLLECTIVES``), (2) produce exactly the planned
-output placements, (3) give the single-device values, and (4) give the single-device input
-gradients. A wrong rule fails here.
+output placements, (3) give the single-device values, and, given the output's gradient in
+the output's layout made whole, (4) communicate nothing in backward, (5) give each input's
+gradient in the layout the plan prices (``solver.graph.grad_spec``), and (6) give the
+single-device input gradients. A wrong rule fails here.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from autopar.passes.layouts import runs_locally
 from autopar.runtime.layout import MeshContext, as_replicated, reshard, to_dtensor
 from autopar.runtime.local_ops import local_call
 from autopar.solver import rules
+from autopar.solver.graph import grad_spec
 from autopar.solver.rules.base import is_tensor_node, tensor_args
 from autopar.solver.specs import no_partial, short
 from autopar.tracer import trace
@@ -163,11 +166,20 @@ def _check_one(node, s, full, ref, weights, grads_ref, mesh, ctx) -> str:
             return "values differ from single device"
     if grads_ref is None:
         return ""
-    loss = sum((o.full_tensor().float() * w).sum() for o, w in zip(out, weights))
-    loss.backward()
-    for x, g in zip(leaves, grads_ref):
-        if g is not None and not _close(x.grad.full_tensor(), g):
-            return "input gradient differs from single device"
+    # the gradient arrives as the plan prices it: in the output's layout, made whole
+    grad_outs = [to_dtensor(w.to(o.dtype), no_partial(s.out), mesh) for o, w in zip(out, weights)]
+    wanted = [k for k, t in enumerate(full) if _grad(node, k, t)]
+    with CommDebugMode() as comm:
+        grads = torch.autograd.grad(out, [ins[k] for k in wanted], grad_outs, allow_unused=True)
+    if comm.get_total_counts():
+        return f"backward communicated {dict(comm.get_comm_counts())}"
+    for k, g in zip(wanted, grads):
+        if g is None:
+            continue
+        if tuple(g.placements) != grad_spec(s, k):
+            return f"input {k}'s gradient is {short(g.placements)}, priced as {short(grad_spec(s, k))}"
+        if not _close(g.full_tensor(), grads_ref[k]):
+            return f"input {k}'s gradient differs from single device"
     return ""
 
 

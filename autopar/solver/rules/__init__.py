@@ -59,16 +59,10 @@ FOLLOWERS = (
     | norms.FOLLOWERS
     | conv.FOLLOWERS
 )
-#: Ops that run on each rank's local shards instead of through DTensor's dispatcher.
-LOCAL_OPS = (
-    attention.LOCAL_OPS
-    | elementwise.LOCAL_OPS
-    | matmul.LOCAL_OPS
-    | lookup.LOCAL_OPS
-    | conv.LOCAL_OPS
-    | along_dim.LOCAL_OPS
-    | loss.LOCAL_OPS
-)
+#: Ops DTensor's dispatcher runs. Every other op (and every op with no rule) runs on each
+#: rank's local shards (``runtime.local_ops``), so its backward is the local op's backward
+#: and its gradients take the layouts the plan prices (``solver.graph.grad_spec``).
+DISPATCHED = views.DISPATCHED | creation.DISPATCHED | elementwise.DISPATCHED
 
 
 def has_rule(node: fx.Node) -> bool:
@@ -91,4 +85,4 @@ def forward_flops(node: fx.Node) -> float:
     return float(fn(node)) if fn is not None else float(numel(node))
 
 
-__all__ = ["FOLLOWERS", "LOCAL_OPS", "Strategy", "forward_flops", "has_rule", "strategies"]
+__all__ = ["DISPATCHED", "FOLLOWERS", "Strategy", "forward_flops", "has_rule", "strategies"]

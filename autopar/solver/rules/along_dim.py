@@ -1,6 +1,6 @@
 """Ops that mix values along some dims and act independently along the others:
 ``cumsum``, ``diff``, ``cat``, ``pad``, ``flip``, and ``topk`` / ``sort`` (two outputs, both
-laid out alike; run on local shards).
+laid out alike).
 
 One-axis options: replicate, or shard any dim the op does not mix, in the output and in every
 tensor input that has that dim at full size (a broadcast-size input stays replicated).
@@ -63,4 +63,3 @@ RULES: dict[object, RuleFn] = {op: along_dim_options for op in OPS}
 FOLLOWERS = frozenset(
     {aten.cumsum.default, aten.pad.default, aten.constant_pad_nd.default, aten.flip.default}
 )
-LOCAL_OPS = frozenset({aten.topk.default, aten.sort.default})

@@ -5,8 +5,8 @@ attention mask is sharded the same way where it has that dim, else replicated); 
 the query sequence of q, the mask and the output with k and v replicated (each query row
 attends to all keys), unless the op builds its own causal mask, which assumes the local
 queries start at position 0. It runs on
-each rank's local shards (see ``runtime.local_ops``): tracing on CPU would otherwise pick
-a CPU-only attention kernel that DTensor has no rule for.
+each rank's local shards (as every op but views, see ``runtime.local_ops``), which matters
+here: tracing on CPU picks a CPU-only attention kernel that DTensor has no rule for.
 """
 
 from __future__ import annotations
@@ -56,5 +56,3 @@ def sdpa_flops(node: fx.Node) -> float:
 OP = aten.scaled_dot_product_attention.default
 RULES: dict[object, RuleFn] = {OP: sdpa_options}
 FLOPS = {OP: sdpa_flops}
-# Ops executed on local shards rather than through DTensor's dispatcher.
-LOCAL_OPS = frozenset({OP})

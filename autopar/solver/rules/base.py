@@ -27,12 +27,10 @@ R = Replicate()
 
 @dataclass(frozen=True)
 class Option:
-    """One mesh axis: output placement and one placement per tensor input. An ``exclusive``
-    option may be used on at most one mesh axis of a strategy."""
+    """One mesh axis: output placement and one placement per tensor input."""
 
     out: Placement
     ins: tuple[Placement, ...]
-    exclusive: bool = False
 
 
 @dataclass(frozen=True)
@@ -95,8 +93,6 @@ def expand(node: fx.Node, options: Sequence[Option], mesh_shape: Sequence[int]) 
     strategies: list[Strategy] = []
     seen: set[Strategy] = set()
     for combo in itertools.product(options, repeat=len(mesh_shape)):
-        if any(o.exclusive and combo.count(o) > 1 for o in combo):
-            continue
         out = tuple(o.out for o in combo)
         in_specs = tuple(tuple(o.ins[k] for o in combo) for k in range(len(ins)))
         s = Strategy(out, in_specs)

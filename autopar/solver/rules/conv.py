@@ -73,5 +73,4 @@ def conv_flops(node: fx.Node) -> float:
 RULES: dict[object, RuleFn] = {op: conv_options for op in CONVS}
 RULES.update({op: pool_options for op in MAX_POOLS + AVG_POOLS})
 FLOPS = {op: conv_flops for op in CONVS}
-LOCAL_OPS = frozenset(CONVS + MAX_POOLS + AVG_POOLS)
 FOLLOWERS = frozenset(MAX_POOLS + AVG_POOLS)

@@ -40,3 +40,6 @@ def new_factory_options(node: fx.Node) -> list[Option]:
 NEW_OPS = (aten.new_ones.default, aten.new_zeros.default, aten.new_full.default, aten.new_empty.default)
 RULES: dict[object, RuleFn] = {op: creation_options for op in OPS}
 RULES.update({op: new_factory_options for op in NEW_OPS})
+#: Run by DTensor's dispatcher (``rules.DISPATCHED``): sizes are global, and a factory with
+#: no tensor input makes a plain tensor (``passes.layouts`` wraps it as replicated).
+DISPATCHED = frozenset(OPS + NEW_OPS)

@@ -127,7 +127,8 @@ def copy_options(node: fx.Node) -> list[Option]:
 INPLACE = (aten.copy_.default,)
 RULES: dict[object, RuleFn] = {op: elementwise_options for op in UNARY + BINARY}
 RULES[aten.copy_.default] = copy_options
-# DTensor reduces a partial-sum input of clone first; on local shards it passes through.
-LOCAL_OPS = frozenset({aten.clone.default})
 # Single-input elementwise ops follow their producer's decision in the ILP.
 FOLLOWERS = frozenset(UNARY)
+#: Run by DTensor's dispatcher (``rules.DISPATCHED``): dropout draws its mask through DTensor's
+#: random-number tracker; an in-place write must land in the DTensor's own buffer.
+DISPATCHED = frozenset({aten.dropout.default}) | frozenset(INPLACE)

@@ -81,4 +81,3 @@ RULES: dict[object, RuleFn] = dict(
     zip(OPS, (embedding_options, gather_options, index_options, one_hot_options))
 )
 FLOPS = {op: (lambda node: 0.0) for op in OPS}
-LOCAL_OPS = frozenset(OPS)

@@ -94,6 +94,4 @@ OP = aten.cross_entropy_loss.default
 BCE = aten.binary_cross_entropy_with_logits.default
 RULES: dict[object, RuleFn] = {OP: cross_entropy_options, BCE: bce_options}
 FLOPS = {OP: cross_entropy_flops}
-#: cross entropy runs on local shards: a vocabulary-sharded strategy computes it there
-LOCAL_OPS = frozenset({OP, BCE})
 INNER_COLLECTIVES = {OP: inner_collectives}

@@ -5,8 +5,8 @@ Each dimension letter is classed by where it appears: in the output and both ope
 (contracting). One-axis options: replicate everything; shard a batch or free letter in the
 operands that carry it and in the output; shard a contracting letter in both operands,
 giving a partial-sum output; or pass one operand's partial sum through (the op is linear in
-each operand). A bias is aligned to the output's trailing dims. Two-operand ``einsum`` runs on
-local shards (``runtime.local_ops``), so any letter may be sharded.
+each operand). A bias is aligned to the output's trailing dims. The family runs on local shards
+(``runtime.local_ops``), so any letter may be sharded, by any mesh axes.
 """
 
 from __future__ import annotations
@@ -89,16 +89,13 @@ def matmul_options(node: fx.Node) -> list[Option]:
         return Shard(d) if d >= 0 and bshape[d] == out_shape[out_dim] else R
 
     options = [opt(R, R, R, R)]
-    # DTensor runs an N-d linear / matmul by flattening the leading dims: a shard of a later
-    # leading dim may then come from one mesh axis only.
-    flattened = lhs[1:-1] if len(rhs) == 2 and len(lhs) > 2 and node.target not in LOCAL_OPS else ""
     for letter in dict.fromkeys(lhs + rhs):
         a_p = Shard(lhs.index(letter)) if letter in lhs else R
         b_p = Shard(rhs.index(letter)) if letter in rhs else R
         if letter in out:
             o = out.index(letter)
             option = opt(Shard(o), a_p, b_p, bias_shard(o))
-            options.append(Option(option.out, option.ins, exclusive=letter in flattened))
+            options.append(option)
         else:
             options.append(opt(P, a_p, b_p, P))
     options.append(opt(P, P, R, P))
@@ -129,6 +126,5 @@ OPS = (
 )
 RULES: dict[object, RuleFn] = {op: matmul_options for op in OPS}
 FLOPS = {op: matmul_flops for op in OPS}
-LOCAL_OPS = frozenset({aten.einsum.default})
 #: Other einsums (ellipsis, three operands, repeated letters) take the fallback path.
 SUPPORTED = {aten.einsum.default: einsum_supported}

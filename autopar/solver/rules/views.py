@@ -98,3 +98,5 @@ VIEW_OPS = (
 )
 RULES: dict[object, RuleFn] = {op: view_options for op in VIEW_OPS}
 FOLLOWERS = frozenset(VIEW_OPS)
+#: Run by DTensor's dispatcher (``rules.DISPATCHED``): their arguments are global sizes.
+DISPATCHED = frozenset(VIEW_OPS)
