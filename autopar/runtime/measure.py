@@ -36,7 +36,6 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 from torch._C._profiler import _EventType
 from torch.distributed.tensor import DTensor
-from torch.distributed.tensor._dispatch import OpDispatcher
 from torch.profiler import ProfilerActivity, profile, record_function
 
 _MARK = "autopar.measured_step"
@@ -142,6 +141,8 @@ def _origin() -> str:
 @contextlib.contextmanager
 def count_collectives() -> Iterator[collections.Counter]:
     """Count the functional collectives called inside: ``counter[(kind, origin)]``."""
+    from torch.distributed.tensor._dispatch import OpDispatcher  # private: imported only here
+
     if not hasattr(OpDispatcher, _DTENSOR_REDISTRIBUTES):  # else "inside an op" could never show
         raise RuntimeError(f"this torch's DTensor has no OpDispatcher.{_DTENSOR_REDISTRIBUTES}")
     counts: collections.Counter = collections.Counter()
