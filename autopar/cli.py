@@ -119,9 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--batch", type=int, default=8)
     f.add_argument("--seq", type=int, default=128)
     f.add_argument("--mixed-precision", choices=("bf16", "fp16"), default=None)
-    f.add_argument(
-        "--repeats", type=int, default=3, help="timed blocks of calls per measurement (median of their means)"
-    )
+    f.add_argument("--repeats", type=int, default=3, help="timed calls per measurement (median)")
     f.add_argument("--db", default="autopar-profile.json", help="the database to merge into")
     s = sub.add_parser("show", help="print the report of a saved plan")
     s.add_argument("plan")

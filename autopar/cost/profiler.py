@@ -7,9 +7,8 @@ has its own), and the slowest rank's time is kept:
 - **ops**: every distinct signature (``cost.profile_db.op_signature``) that some strategy of
   some node needs, once: DTensor inputs of random values in the strategy's input layouts,
   called the way the emitted module calls the op (on local shards, or through DTensor for
-  ``rules.DISPATCHED``), forward alone and forward with backward; the median of ``repeats``
-  blocks of back-to-back calls (each block's mean), after a warm-up. Identical repeated
-  blocks of the model have identical signatures, so depth adds nothing.
+  ``rules.DISPATCHED``), forward alone and forward with backward; median of up to ``repeats`` calls
+  after a warm-up. Identical repeated blocks have identical signatures, so depth adds nothing.
 - **layout changes**: each step kind (all-reduce, reduce-scatter, all-gather, all-to-all,
   and the local slice and partial steps) on each mesh axis, through ``runtime.layout.reshard``
   over a sweep of sizes (each the mean of the middle half of many calls: a step pays every
@@ -79,25 +78,19 @@ def op_tasks(traced: Traced, mesh_shape: Sequence[int]) -> list[OpTask]:
     return list(tasks.values())
 
 
-#: about how long one measurement's calls last together (at least one call per block)
+#: a measurement's calls stop at this much time (after one): a slow op needs fewer repeats
 ENOUGH_S = 0.025
-#: a collective is timed over this many times more blocks than an op
+#: a collective is timed over this many times more calls than an op (they are cheap to time)
 COLLECTIVE_CALLS_PER_REPEAT = 4
 
 
 class _Clock:
-    """Seconds per call of ``fn``: ``repeats`` blocks of back-to-back calls, each block's mean
-    time per call, and the ``average`` of the blocks (median unless told); on every rank at
-    once, the slowest rank's kept (by the caller). :meth:`warm` makes a first call (DTensor's
-    sharding caches fill, autograd's too when ``fn`` runs backward) and sets the calls per
-    block: as many as make the blocks together last about ``enough_s`` by the slowest rank's
-    warm-up (at least one), the same on every rank (an op may communicate inside).
-
-    Why blocks: a step pays the *mean* time of its ops. Where ranks share cores, a short call
-    usually runs uninterrupted and now and then waits out another rank's time slice; the
-    median of single calls drops those waits, and on 4 ranks over 2 cores it priced a tiny
-    model's forward at two thirds of what the step took. A block long enough to span time
-    slices carries its share of them. Calling the clock warms and times."""
+    """Seconds per call of ``fn``: the ``average`` (median unless told) of up to ``repeats``
+    calls, on every rank at once, the slowest rank's kept (by the caller). :meth:`warm` makes
+    a first call (DTensor's sharding caches fill, autograd's too when ``fn`` runs backward)
+    and sets how many calls follow: as many as the slowest rank's warm-up says fit in
+    ``enough_s`` (at least one), the same on every rank (an op may communicate inside).
+    Calling the clock warms and times."""
 
     def __init__(
         self,
@@ -123,18 +116,17 @@ class _Clock:
         self._sync()
         warm = torch.tensor([time.perf_counter() - t0], dtype=torch.float64, device=self.device)
         dist.all_reduce(warm, op=dist.ReduceOp.MAX)  # also lines the ranks up
-        self.calls = max(1, int(self.enough_s / (self.repeats * max(warm.item(), 1e-9))))
+        self.calls = max(1, min(self.repeats, int(self.enough_s / max(warm.item(), 1e-9))))
 
     def time(self, fn: Callable[[], object]) -> float:
-        per_call = []
-        for _ in range(self.repeats):
+        times = []
+        for _ in range(self.calls):
             self._sync()
             t0 = time.perf_counter()
-            for _ in range(self.calls):
-                fn()
+            fn()
             self._sync()
-            per_call.append((time.perf_counter() - t0) / self.calls)
-        return self.average(per_call)
+            times.append(time.perf_counter() - t0)
+        return self.average(times)
 
     def __call__(self, fn: Callable[[], object]) -> float:
         self.warm(fn)
@@ -270,13 +262,12 @@ def profile_collectives(
     and the local slice and partial-sum steps, whose cost is the runtime's own) on every mesh
     axis of size > 1, each timed as the emitted module runs it (``runtime.layout.reshard``).
     Each case is timed as the mean of the middle half of ``COLLECTIVE_CALLS_PER_REPEAT *
-    repeats`` blocks (one call each, more for a cheap step): a step pays the sum of its
-    collectives' times, not their median, and one call's time is spread widely where ranks
-    share cores (on 2 shared cores, from half to twice the mean). The sweep runs ``rounds``
-    times over all cases and keeps each case's median over rounds, so a slow spell of the
-    machine does not land on one message size."""
+    repeats`` calls: a step pays the sum of its collectives' times, not their median, and one
+    call's time is spread widely where ranks share cores (on 2 shared cores, from half to
+    twice the mean). The sweep runs ``rounds`` times over all cases and keeps each case's
+    median over rounds, so a slow spell of the machine does not land on one message size."""
     per = COLLECTIVE_CALLS_PER_REPEAT
-    clock = _Clock(torch.device(mesh.device_type), per * repeats, _interquartile_mean)
+    clock = _Clock(torch.device(mesh.device_type), per * repeats, _interquartile_mean, per * ENOUGH_S)
     cases: list[tuple[str, int, Callable[[], None]]] = []
     for axis, n in enumerate(mesh.shape):
         if n <= 1:
