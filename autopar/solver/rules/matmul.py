@@ -94,8 +94,7 @@ def matmul_options(node: fx.Node) -> list[Option]:
         b_p = Shard(rhs.index(letter)) if letter in rhs else R
         if letter in out:
             o = out.index(letter)
-            option = opt(Shard(o), a_p, b_p, bias_shard(o))
-            options.append(option)
+            options.append(opt(Shard(o), a_p, b_p, bias_shard(o)))
         else:
             options.append(opt(P, a_p, b_p, P))
     options.append(opt(P, P, R, P))
