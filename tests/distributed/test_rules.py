@@ -175,6 +175,8 @@ def _check_one(node, s, full, ref, weights, grads_ref, mesh, ctx) -> str:
         return f"backward communicated {dict(comm.get_comm_counts())}"
     for k, g in zip(wanted, grads):
         if g is None:
+            if grads_ref[k] is not None and grads_ref[k].any():
+                return f"input {k} has no gradient; on one device it has one"
             continue
         if tuple(g.placements) != grad_spec(s, k):
             return f"input {k}'s gradient is {short(g.placements)}, priced as {short(grad_spec(s, k))}"
