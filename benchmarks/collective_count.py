@@ -4,9 +4,9 @@ Plans a tiny zoo model on a 2x2 CPU mesh under each strategy and runs one traini
 (forward, backward, AdamW) on 4 gloo processes. It counts every functional collective the
 step issues, by kind and by where it came from (``runtime.measure.count_collectives``):
 a layout change the plan made, its gradient, the declared collectives of an op on local
-shards, or DTensor redistributing an op's arguments itself ("inside an op": a collective
-the plan did not choose). Every op but views and factories runs on local shards, so the last
-should be none.
+shards, or one the plan did not make (DTensor redistributing an op's arguments itself:
+"inside an op"; or "other"). Every op but views and factories runs on local shards, so the
+last should be none.
 
 Run: python benchmarks/collective_count.py [--model llama3-8b] [--strategies auto,dp,megatron]
      [--profile PATH]   (plans priced from a profile database, as ``benchmarks/cost_model.py``)
@@ -22,6 +22,7 @@ from pathlib import Path
 
 from autopar.cli import _model
 from autopar.runtime.local_mesh import run_gloo
+from autopar.runtime.measure import PLANNED_ORIGINS
 
 MESH = (2, 2)
 
@@ -70,8 +71,8 @@ def main() -> None:
         per_plan = json.loads(Path(out).read_text())
     for strategy, counts in zip(strategies, per_plan):
         total = sum(n for _, _, n in counts)
-        unplanned = sum(n for _, o, n in counts if o == "inside an op")
-        print(f"{a.model} {strategy}: {total} collectives per step, {unplanned} issued by DTensor inside ops")
+        unplanned = sum(n for _, o, n in counts if o not in PLANNED_ORIGINS)
+        print(f"{a.model} {strategy}: {total} collectives per step, {unplanned} the plan did not make")
         for kind, origin, n in counts:
             print(f"  {n:4d}  {kind:<24} {origin}")
 

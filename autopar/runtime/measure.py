@@ -1,9 +1,13 @@
 """Measure a training step on this process: its peak memory, and the collectives it issues.
 
 **Collectives** (:func:`count_collectives`): every functional collective called while the
-context is open, by kind and by who issued it (``ORIGINS``). A plan prices its layout
-changes and their gradients; a collective DTensor issues *inside* an op's dispatch, to give
-the op arguments in layouts of its own choosing, is one the plan did not choose.
+context is open, by kind and by who issued it: ``"layout change"`` (a layout change the plan
+made, ``runtime.layout.reshard``), ``"its gradient"`` (its backward: a gradient laid out as
+the plan prices it, made whole where an op on local shards hands it back, or laid out as
+its parameter), ``"local op"`` (the declared collectives of an op on local shards,
+``runtime.vocab_parallel``), ``"inside an op"`` (DTensor giving an op's arguments layouts of
+its own choosing) or ``"other"``. The first three are the plan's (``PLANNED_ORIGINS``); the
+last two are collectives the plan neither chose nor priced.
 
 **Peak memory** is measured with the allocator's own count.
 
@@ -107,15 +111,8 @@ def _largest_rise(allocations: list[tuple[int, int]], window: tuple[int, int]) -
 
 
 KINDS = ("all_reduce", "all_gather_into_tensor", "reduce_scatter_tensor", "all_to_all_single")
-#: who issued a collective, as :func:`count_collectives` tells them apart
-ORIGINS = {
-    "layout change": "a layout change the plan made (``runtime.layout.reshard``), forward",
-    "its gradient": "the backward of a layout change: a gradient laid out as the plan prices it "
-    "(made whole where an op on local shards hands it back, or laid out as its parameter)",
-    "inside an op": "DTensor, giving an op's arguments layouts of its own choosing (unplanned)",
-    "local op": "the declared collectives of an op run on local shards (``runtime.vocab_parallel``)",
-    "other": "anything else",
-}
+#: the origins :func:`count_collectives` names that a plan prices (see the module docstring)
+PLANNED_ORIGINS = frozenset({"layout change", "its gradient", "local op"})
 #: the frame of DTensor's dispatcher that redistributes an op's arguments
 _DTENSOR_REDISTRIBUTES = "redistribute_local_args"
 
