@@ -7,21 +7,30 @@ has its own), and the slowest rank's time is kept:
 - **ops**: every distinct signature (``cost.profile_db.op_signature``) that some strategy of
   some node needs, once: DTensor inputs of random values in the strategy's input layouts,
   called the way the emitted module calls the op (on local shards, or through DTensor for
-  ``rules.DISPATCHED``), forward alone and forward with backward; median of up to ``repeats`` calls
-  after a warm-up. Identical repeated blocks have identical signatures, so depth adds nothing.
+  ``rules.DISPATCHED``), forward alone and forward with backward; ``OPS_PER_ROUND`` ops take
+  turns (as in a step, each call comes after other ops'), untimed rounds first, then the
+  median of up to ``repeats`` timed ones. Identical repeated blocks have identical
+  signatures, so depth adds nothing.
 - **layout changes**: each step kind (all-reduce, reduce-scatter, all-gather, all-to-all,
   and the local slice and partial steps) on each mesh axis, through ``runtime.layout.reshard``
   over a sweep of sizes (each the mean of the middle half of many calls: a step pays every
   call); a line ``alpha + beta * bytes`` fitted per axis and kind.
 - **optimizer**: an AdamW step over parameters of a sweep of sizes; a line per parameter.
 
-Times are wall clock, with the device synchronized around each call on GPU.
+Times are wall clock, with the device synchronized around each call on GPU; except that ops
+and the optimizer on a CPU mesh whose ranks outnumber the host's cores are timed by their
+CPU time over each rank's share of a core (``_Clock``): that is what a step pays for them,
+where the ranks take turns on the cores. Collectives keep the wall clock (their cost is
+mostly waiting, which takes no CPU time).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import os
+import socket
 import statistics
 import tempfile
 import time
@@ -44,6 +53,7 @@ from autopar.passes.layouts import runs_locally
 from autopar.runtime.layout import reshard
 from autopar.runtime.local_mesh import run_gloo
 from autopar.runtime.local_ops import local_call
+from autopar.solver import rules
 from autopar.solver.graph import build, input_grads
 from autopar.solver.rules.base import Strategy, is_tensor_node
 from autopar.solver.specs import local_shape, short
@@ -82,55 +92,64 @@ def op_tasks(traced: Traced, mesh_shape: Sequence[int]) -> list[OpTask]:
 ENOUGH_S = 0.025
 #: a collective is timed over this many times more calls than an op (they are cheap to time)
 COLLECTIVE_CALLS_PER_REPEAT = 4
+#: ops timed together, taking turns: each timed call comes after the other ops' calls, as in a step
+OPS_PER_ROUND = 32
+#: untimed rounds before the timed ones (DTensor's sharding caches and autograd's first-call work)
+WARM_ROUNDS = 2
 
 
 class _Clock:
-    """Seconds per call of ``fn``: the ``average`` (median unless told) of up to ``repeats``
-    calls, on every rank at once, the slowest rank's kept (by the caller). :meth:`warm` makes
-    a first call (DTensor's sharding caches fill, autograd's too when ``fn`` runs backward)
-    and sets how many calls follow: as many as the slowest rank's warm-up says fit in
-    ``enough_s`` (at least one), the same on every rank (an op may communicate inside).
-    Calling the clock warms and times."""
+    """Seconds of one call of ``fn`` as a training step would pay it.
 
-    def __init__(
-        self,
-        device: torch.device,
-        repeats: int,
-        average: Callable[[list[float]], float] = statistics.median,
-        enough_s: float = ENOUGH_S,
-    ) -> None:
+    Wall time, with the device synchronized around the call on GPU. On a CPU mesh whose ranks
+    outnumber this host's cores (``core_share``), the ranks take turns on the cores: a call
+    costs the step its CPU time (this thread's, which no other rank's turn inflates) over the
+    share of a core each rank gets. Wall time there would mostly read a call that ran
+    uninterrupted, and now and then one that waited out other ranks' turns."""
+
+    def __init__(self, device: torch.device, core_share: float | None = None) -> None:
         self.device = device
-        self.enough_s = enough_s
-        self.repeats = repeats
-        self.calls = repeats
-        self.average = average
+        self.now = time.thread_time if core_share else time.perf_counter
+        self.scale = 1.0 / core_share if core_share else 1.0
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
-    def warm(self, fn: Callable[[], object]) -> None:
+    def elapsed(self, fn: Callable[[], object]) -> float:
         self._sync()
-        t0 = time.perf_counter()
+        t0 = self.now()
         fn()
         self._sync()
-        warm = torch.tensor([time.perf_counter() - t0], dtype=torch.float64, device=self.device)
-        dist.all_reduce(warm, op=dist.ReduceOp.MAX)  # also lines the ranks up
-        self.calls = max(1, min(self.repeats, int(self.enough_s / max(warm.item(), 1e-9))))
+        return (self.now() - t0) * self.scale
 
-    def time(self, fn: Callable[[], object]) -> float:
-        times = []
-        for _ in range(self.calls):
-            self._sync()
-            t0 = time.perf_counter()
-            fn()
-            self._sync()
-            times.append(time.perf_counter() - t0)
-        return self.average(times)
+    def calls(self, warm_s: list[float], repeats: int, enough_s: float = ENOUGH_S) -> list[int]:
+        """How many timed calls each measurement gets: as many as fit in ``enough_s`` by the
+        slowest rank's warm-up call (at least one, at most ``repeats``), the same on every
+        rank (an op may communicate inside). Every rank calls it (it lines the ranks up)."""
+        slowest = _slowest(warm_s, self.device)
+        return [max(1, min(repeats, int(enough_s / max(w, 1e-9)))) for w in slowest]
 
-    def __call__(self, fn: Callable[[], object]) -> float:
-        self.warm(fn)
-        return self.time(fn)
+    def __call__(
+        self,
+        fn: Callable[[], object],
+        repeats: int,
+        average: Callable[[list[float]], float] = statistics.median,
+        enough_s: float = ENOUGH_S,
+    ) -> float:
+        """A warm-up call, then the ``average`` of up to ``repeats`` calls of ``fn``."""
+        (calls,) = self.calls([self.elapsed(fn)], repeats, enough_s)
+        return average([self.elapsed(fn) for _ in range(calls)])
+
+
+def core_share(mesh: DeviceMesh) -> float | None:
+    """The share of a core each rank of a CPU mesh gets when the ranks on this host outnumber
+    its cores (None otherwise). Every rank calls it (it gathers each rank's host name)."""
+    hosts: list[str] = [""] * dist.get_world_size()
+    dist.all_gather_object(hosts, socket.gethostname())
+    here = hosts.count(socket.gethostname())
+    cores = len(os.sched_getaffinity(0))
+    return cores / here if mesh.device_type == "cpu" and here > cores else None
 
 
 def _interquartile_mean(times: list[float]) -> float:
@@ -212,22 +231,18 @@ def profile_ops(
     tasks: list[OpTask], mesh: DeviceMesh, repeats: int = 3, progress: Callable[[str], None] | None = None
 ) -> dict[str, dict]:
     """Measure each task on every rank of ``mesh``; ``{signature: entry}`` for the database. A
-    task the op cannot run (it raises on every rank alike) is left out: it will be estimated."""
-    clock = _Clock(torch.device(mesh.device_type), repeats)
+    task the op cannot run (it raises on every rank alike) is left out: it will be estimated.
+
+    Ops are timed ``OPS_PER_ROUND`` at a time, taking turns: ``WARM_ROUNDS`` untimed rounds,
+    then up to ``repeats`` timed ones, forward alone and forward with backward. In a step an op
+    runs after other ops, its code and data gone from the caches; one op called again and
+    again in a loop keeps them there and reads low."""
+    clock = _Clock(torch.device(mesh.device_type), core_share(mesh))
     say = progress or (lambda phase: None)
     measured: list[tuple[OpTask, float, float | None]] = []
-    for i, task in enumerate(tasks):
-        if i % 50 == 0:
-            say(f"ops {i}/{len(tasks)}")
-        try:
-            call, leaves = _op_call(task, mesh)
-            full = _with_backward(call, leaves) if task.requires_grad and leaves else call
-            clock.warm(full)  # forward and backward alike
-            fwd = clock.time(call)
-            both = clock.time(full) if full is not call else None
-        except Exception:  # noqa: BLE001 - an op DTensor cannot run here stays estimated
-            continue
-        measured.append((task, fwd, None if both is None else max(both - fwd, 0.0)))
+    for first in range(0, len(tasks), OPS_PER_ROUND):
+        say(f"ops {first}/{len(tasks)}")
+        measured += _time_ops(tasks[first : first + OPS_PER_ROUND], mesh, clock, repeats)
     flat = [t for _, f, b in measured for t in (f, -1.0 if b is None else b)]
     flat = _slowest(flat, torch.device(mesh.device_type)) if flat else []
     out = {}
@@ -242,6 +257,40 @@ def profile_ops(
             "bytes": nbytes,
             "dtype": str(dtype).removeprefix("torch."),
         }
+    return out
+
+
+def _time_ops(
+    tasks: list[OpTask], mesh: DeviceMesh, clock: _Clock, repeats: int
+) -> list[tuple[OpTask, float, float | None]]:
+    """(task, forward seconds, backward seconds or None) of the tasks that run, taking turns.
+    An op that communicates inside (vocabulary-parallel cross entropy) is timed by the wall
+    clock: its collectives' waiting is part of its cost and takes no CPU time."""
+    wall = _Clock(clock.device)
+    runs = []
+    for task in tasks:
+        inner = rules.INNER_COLLECTIVES.get(task.node.target)
+        timer = wall if inner and inner(task.node, task.strategy, mesh.shape) else clock
+        try:
+            call, leaves = _op_call(task, mesh)
+            full = _with_backward(call, leaves) if task.requires_grad and leaves else None
+            warm = [timer.elapsed(full or call) for _ in range(WARM_ROUNDS)]
+        except Exception:  # noqa: BLE001 - an op DTensor cannot run here stays estimated
+            continue
+        runs.append((task, timer, call, full, warm[-1]))
+    calls = clock.calls([w for *_, w in runs], repeats)
+    fwd: list[list[float]] = [[] for _ in runs]
+    both: list[list[float]] = [[] for _ in runs]
+    for r in range(max(calls, default=0)):
+        for k, (_, timer, call, full, _) in enumerate(runs):
+            if r < calls[k]:
+                fwd[k].append(timer.elapsed(call))
+                if full is not None:
+                    both[k].append(timer.elapsed(full))
+    out = []
+    for k, (task, _, _, full, _) in enumerate(runs):
+        f = statistics.median(fwd[k])
+        out.append((task, f, None if full is None else max(statistics.median(both[k]) - f, 0.0)))
     return out
 
 
@@ -267,7 +316,7 @@ def profile_collectives(
     twice the mean). The sweep runs ``rounds`` times over all cases and keeps each case's
     median over rounds, so a slow spell of the machine does not land on one message size."""
     per = COLLECTIVE_CALLS_PER_REPEAT
-    clock = _Clock(torch.device(mesh.device_type), per * repeats, _interquartile_mean, per * ENOUGH_S)
+    clock = _Clock(torch.device(mesh.device_type))
     cases: list[tuple[str, int, Callable[[], None]]] = []
     for axis, n in enumerate(mesh.shape):
         if n <= 1:
@@ -285,7 +334,10 @@ def profile_collectives(
                 cases.append(
                     (f"{mesh_key(mesh.shape)}/axis{axis}/{kind}", nbytes, _redistribute(x, placements))
                 )
-    per_round = [[clock(fn) for _, _, fn in cases] for _ in range(rounds)]
+    timed = functools.partial(
+        clock, repeats=per * repeats, average=_interquartile_mean, enough_s=per * ENOUGH_S
+    )
+    per_round = [[timed(fn) for _, _, fn in cases] for _ in range(rounds)]
     medians = [statistics.median(r[i] for r in per_round) for i in range(len(cases))]
     times = _slowest(medians, torch.device(mesh.device_type))
     out: dict[str, dict] = {}
@@ -320,14 +372,14 @@ def _redistribute(x: DTensor, placements: list) -> Callable[[], None]:
 
 def profile_optimizer(mesh: DeviceMesh, sizes_bytes: Sequence[int] = SWEEP_BYTES, repeats: int = 3) -> dict:
     """An AdamW step per parameter (DTensor parameters, as the emitted module's) against its bytes."""
-    clock = _Clock(torch.device(mesh.device_type), repeats)
+    clock = _Clock(torch.device(mesh.device_type), core_share(mesh))
     per_param, count = [], 8
     for size in sizes_bytes:
         params = [torch.nn.Parameter(_full_mesh(mesh, 0, Replicate(), (size // 4,))) for _ in range(count)]
         for p in params:
             p.grad = torch.randn_like(p)
         opt = torch.optim.AdamW(params, lr=1e-4)
-        per_param.append(clock(opt.step) / count)
+        per_param.append(clock(opt.step, repeats) / count)
     times = _slowest(per_param, torch.device(mesh.device_type))
     alpha, beta = fit_alpha_beta(list(sizes_bytes), times)
     return {

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from torch.distributed.tensor import DTensor
 from autopar import autoparallelize
 from autopar.cost.comm import MOVE_KINDS
 from autopar.cost.profile_db import device_key
-from autopar.cost.profiler import SWEEP_BYTES, op_tasks, profile_model
+from autopar.cost.profiler import SWEEP_BYTES, core_share, op_tasks, profile_model
 from autopar.models import GPT, GPTConfig
 from autopar.tracer import trace
 from tests.distributed.harness import run_on_mesh
@@ -55,6 +56,7 @@ def check_profile(db: str) -> dict:
     grad_err = max((_full(p.grad) - ref_params[n].grad).abs().max().item() for n, p in pm.named_parameters())
     return {
         "summary": summary,
+        "core_share": core_share(mesh),
         "db": data,
         "costs": plan.costs,
         "op_nodes": sum(n.kind == "op" for n in plan.nodes),
@@ -101,3 +103,8 @@ def test_the_profiled_plan_prices_every_op_from_a_measurement(results):
 
 def test_the_profiled_plan_gives_the_single_device_numbers(results):
     assert results["loss_err"] < TOL and results["grad_err"] < TOL, results
+
+
+def test_ranks_that_outnumber_the_cores_get_a_share_of_one(results):
+    cores = len(os.sched_getaffinity(0))  # the 4 ranks all run on this host
+    assert results["core_share"] == (cores / 4 if cores < 4 else None)

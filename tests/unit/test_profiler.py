@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import types
+
 import torch
 
 from autopar.cost import profiler
@@ -23,3 +25,35 @@ def test_collectives_average_the_middle_half_of_their_calls():
     assert profiler._interquartile_mean([0.0, 2.0, 3.0, 100.0]) == 2.5
     assert profiler._interquartile_mean([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 80.0]) == 4.5
     assert profiler._interquartile_mean([5.0, 1.0]) == 3.0  # too few to trim
+
+
+def test_ops_take_turns_and_an_op_that_cannot_run_is_left_out(monkeypatch):
+    calls: list[str] = []
+
+    def op_call(task, mesh):
+        if task == "broken":
+            raise RuntimeError("no kernel")
+        return (lambda: calls.append(task)), ["leaf"]
+
+    monkeypatch.setattr(profiler, "_op_call", op_call)
+    backward = lambda call, leaves: lambda: (call(), calls.append("bwd"))  # noqa: E731
+    monkeypatch.setattr(profiler, "_with_backward", backward)
+    monkeypatch.setattr(profiler, "_slowest", lambda values, device: values)
+    tasks = [_Task("a"), _Task("broken"), _Task("b")]
+    out = profiler._time_ops(tasks, None, profiler._Clock(torch.device("cpu")), repeats=2)
+    assert [t for t, *_ in out] == [tasks[0], tasks[2]]
+    warm = ["a", "bwd"] * profiler.WARM_ROUNDS + ["b", "bwd"] * profiler.WARM_ROUNDS
+    one_round = ["a", "a", "bwd", "b", "b", "bwd"]  # forward alone, then with backward; then the next op
+    assert calls == warm + one_round * 2
+
+
+class _Task(str):
+    requires_grad = True
+    node = types.SimpleNamespace(target="an op with no inner collectives")
+
+
+def test_a_cpu_clock_counts_cpu_time_over_the_core_share(monkeypatch):
+    ticks = iter(range(100))
+    monkeypatch.setattr(profiler.time, "thread_time", lambda: float(next(ticks)))
+    clock = profiler._Clock(torch.device("cpu"), core_share=0.5)
+    assert clock.elapsed(lambda: None) == 2.0  # one second of CPU, half a core each
