@@ -10,6 +10,10 @@ the fitted alpha-beta line of every layout change on each mesh axis against the 
 was fitted on, and a profile of the 12-layer GPT-2 small (real widths, batch 1, sequence 64):
 its time and how many distinct signatures it measured.
 
+This machine's speed drifts (other tenants share its host): the CPU time of one fixed
+single-thread workload is printed when each model is profiled and after each launch
+(``machine_ms``), so an error that is the machine's and not the model's shows as a change there.
+
 Run: python benchmarks/cost_model.py [--models gpt2-124m,llama3-8b] [--steps 10] [--launches 3]
      [--db PATH] [--skip-gpt2-small]
 """
@@ -20,8 +24,11 @@ import argparse
 import json
 import statistics
 import tempfile
+import time
 import warnings
 from pathlib import Path
+
+import torch
 
 from autopar import bench
 from autopar.cli import _model
@@ -51,6 +58,7 @@ def main() -> None:
         )
         for name in a.models.split(","):
             args = (name, 8, 32, "tiny", "cpu")
+            machine = [_machine_ms()]
             summary = profile_local(_model, args, MESH, db)
             model, kwargs = _model(*args)
             rows = bench.compare(model, kwargs, MESH, STRATEGIES, gpu="cpu", profile=db)
@@ -58,6 +66,7 @@ def main() -> None:
             for _ in range(a.launches):
                 bench.measure(rows, _model, args, steps=a.steps)
                 launches.append([r.measured_s for r in rows])
+                machine.append(_machine_ms())
             for r, times in zip(rows, zip(*launches)):
                 if r.measured_s is None:
                     print(f"{name:<11} {r.strategy:<9} {'':>12} {'':>12}   {r.problem}")
@@ -75,6 +84,10 @@ def main() -> None:
                 f"by measurement {' < '.join(_ranking(rows, 'measured_s'))} ({verdict}); "
                 f"profiled {summary['signatures']} signatures in {summary['seconds']:.1f} s"
             )
+            print(
+                f"{name:<11} machine_ms at the profile {machine[0]:.1f}, after each launch "
+                + ", ".join(f"{m:.1f}" for m in machine[1:])
+            )
         _collective_table(db)
     if not a.skip_gpt2_small:
         with tempfile.TemporaryDirectory() as tmp:
@@ -84,6 +97,22 @@ def main() -> None:
             f"\nGPT-2 small (12 layers, batch 1, seq 64) on 2x2: {s['signatures']} distinct signatures, "
             f"each measured once ({s['measured']} measured), {s['seconds']:.1f} s on rank 0 ({phases})"
         )
+
+
+def _machine_ms() -> float:
+    """CPU milliseconds of a fixed single-thread workload (matmuls and small elementwise ops),
+    the median of 5: the machine's speed at this moment."""
+    torch.set_num_threads(1)
+    a, v = torch.randn(128, 128), torch.randn(1000)
+    times = []
+    for _ in range(5):
+        t0 = time.thread_time()
+        for _ in range(50):
+            a @ a
+            for _ in range(20):
+                v.add(1.0).mul(2.0)
+        times.append(time.thread_time() - t0)
+    return statistics.median(times) * 1e3
 
 
 def _ranking(rows: list, key: str) -> list[str]:
