@@ -9,8 +9,9 @@ has its own), and the slowest rank's time is kept:
   called the way the emitted module calls the op (on local shards, or through DTensor for
   ``rules.DISPATCHED``), forward alone and forward with backward; ``OPS_PER_ROUND`` ops take
   turns (as in a step, each call comes after other ops'), untimed rounds first, then the
-  median of up to ``repeats`` timed ones. Identical repeated blocks have identical
-  signatures, so depth adds nothing.
+  median of up to ``repeats`` timed ones; a backward less the fixed cost of its own
+  ``torch.autograd.grad`` call, which a step pays once. Identical repeated blocks have
+  identical signatures, so depth adds nothing.
 - **layout changes**: each step kind (all-reduce, reduce-scatter, all-gather, all-to-all,
   and the local slice and partial steps) on each mesh axis, through ``runtime.layout.reshard``
   over a sweep of sizes (each the mean of the middle half of many calls: a step pays every
@@ -239,10 +240,11 @@ def profile_ops(
     again in a loop keeps them there and reads low."""
     clock = _Clock(torch.device(mesh.device_type), core_share(mesh))
     say = progress or (lambda phase: None)
+    call_s = _backward_call_s(clock)
     measured: list[tuple[OpTask, float, float | None]] = []
     for first in range(0, len(tasks), OPS_PER_ROUND):
         say(f"ops {first}/{len(tasks)}")
-        measured += _time_ops(tasks[first : first + OPS_PER_ROUND], mesh, clock, repeats)
+        measured += _time_ops(tasks[first : first + OPS_PER_ROUND], mesh, clock, repeats, call_s)
     flat = [t for _, f, b in measured for t in (f, -1.0 if b is None else b)]
     flat = _slowest(flat, torch.device(mesh.device_type)) if flat else []
     out = {}
@@ -260,11 +262,33 @@ def profile_ops(
     return out
 
 
+def _backward_call_s(clock: _Clock, calls: int = 51) -> float:
+    """The fixed cost of one ``torch.autograd.grad`` call (the engine's setup and teardown),
+    on the slowest rank: the backward of a one-element copy, less its forward. Each op's
+    backward is timed as a call of its own, but a step makes one call for all its ops, so this
+    is taken off each op's backward."""
+    x = torch.zeros(1, device=clock.device, requires_grad=True)
+    grad = torch.ones(1, device=clock.device)
+
+    def forward() -> torch.Tensor:
+        return x.clone()
+
+    def both() -> None:
+        torch.autograd.grad([forward()], [x], [grad])
+
+    both()
+    (call_s,) = _slowest(
+        [statistics.median(clock.elapsed(both) - clock.elapsed(forward) for _ in range(calls))], clock.device
+    )
+    return max(call_s, 0.0)
+
+
 def _time_ops(
-    tasks: list[OpTask], mesh: DeviceMesh, clock: _Clock, repeats: int
+    tasks: list[OpTask], mesh: DeviceMesh, clock: _Clock, repeats: int, call_s: float = 0.0
 ) -> list[tuple[OpTask, float, float | None]]:
-    """(task, forward seconds, backward seconds or None) of the tasks that run, taking turns.
-    An op that communicates inside (vocabulary-parallel cross entropy) is timed by the wall
+    """(task, forward seconds, backward seconds or None) of the tasks that run, taking turns;
+    a backward without ``call_s``, the fixed cost of its own ``torch.autograd.grad`` call. An
+    op that communicates inside (vocabulary-parallel cross entropy) is timed by the wall
     clock: its collectives' waiting is part of its cost and takes no CPU time."""
     wall = _Clock(clock.device)
     runs = []
@@ -290,7 +314,7 @@ def _time_ops(
     out = []
     for k, (task, _, _, full, _) in enumerate(runs):
         f = statistics.median(fwd[k])
-        out.append((task, f, None if full is None else max(statistics.median(both[k]) - f, 0.0)))
+        out.append((task, f, None if full is None else max(statistics.median(both[k]) - f - call_s, 0.0)))
     return out
 
 

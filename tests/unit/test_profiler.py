@@ -57,3 +57,23 @@ def test_a_cpu_clock_counts_cpu_time_over_the_core_share(monkeypatch):
     monkeypatch.setattr(profiler.time, "thread_time", lambda: float(next(ticks)))
     clock = profiler._Clock(torch.device("cpu"), core_share=0.5)
     assert clock.elapsed(lambda: None) == 2.0  # one second of CPU, half a core each
+
+
+def test_an_ops_backward_is_priced_without_its_own_backward_call(monkeypatch):
+    fwd, full = (lambda: None), (lambda: None)
+    monkeypatch.setattr(profiler, "_op_call", lambda task, mesh: (fwd, ["leaf"]))
+    monkeypatch.setattr(profiler, "_with_backward", lambda call, leaves: full)
+
+    class FixedClock:  # forward 1 s, forward and backward 5 s, on every rank
+        device = torch.device("cpu")
+
+        def elapsed(self, fn):
+            return 1.0 if fn is fwd else 5.0
+
+        def calls(self, warm_s, repeats):
+            return [repeats] * len(warm_s)
+
+    ((_, forward_s, backward_s),) = profiler._time_ops([_Task("a")], None, FixedClock(), 3, call_s=1.5)
+    assert (forward_s, backward_s) == (1.0, 2.5)
+    ((_, _, backward_s),) = profiler._time_ops([_Task("a")], None, FixedClock(), 3, call_s=9.0)
+    assert backward_s == 0.0  # never negative
