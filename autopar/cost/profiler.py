@@ -268,14 +268,11 @@ def _backward_call_s(clock: _Clock, calls: int = 51) -> float:
     backward is timed as a call of its own, but a step makes one call for all its ops, so this
     is taken off each op's backward."""
     x = torch.zeros(1, device=clock.device, requires_grad=True)
-    grad = torch.ones(1, device=clock.device)
 
     def forward() -> torch.Tensor:
         return x.clone()
 
-    def both() -> None:
-        torch.autograd.grad([forward()], [x], [grad])
-
+    both = _with_backward(forward, [x])  # the harness every op's backward is timed through
     both()
     (call_s,) = _slowest(
         [statistics.median(clock.elapsed(both) - clock.elapsed(forward) for _ in range(calls))], clock.device
