@@ -149,7 +149,7 @@ def core_share(mesh: DeviceMesh) -> float | None:
     hosts: list[str] = [""] * dist.get_world_size()
     dist.all_gather_object(hosts, socket.gethostname())
     here = hosts.count(socket.gethostname())
-    cores = len(os.sched_getaffinity(0))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return cores / here if mesh.device_type == "cpu" and here > cores else None
 
 
