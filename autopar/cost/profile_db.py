@@ -4,7 +4,7 @@
 file is JSON, keyed first by the *device key* (device name and torch version: another GPU or
 another torch is another key, so a stale entry is never read for the wrong machine)::
 
-    {"format": 3,
+    {"format": 4,
      "devices": {"<device> | torch <version>": {
         "ops": {"<signature>": {"forward_s", "backward_s" (null: no gradient), "flops", "bytes",
                                 "dtype"}},
@@ -45,8 +45,9 @@ from autopar.errors import AutoparError
 from autopar.solver.specs import Spec, local_shape
 
 #: 2: ops run, and are timed, on local shards (format 1 timed most through DTensor's dispatcher);
-#: 3: ops take turns when timed, and on a CPU host with more ranks than cores count CPU time
-FORMAT = 3
+#: 3: ops take turns when timed, and on a CPU host with more ranks than cores count CPU time;
+#: 4: each time is the mean over the ranks (format 3 kept the slowest rank's, which over-priced)
+FORMAT = 4
 
 
 class ProfileError(AutoparError):

@@ -2,7 +2,7 @@
 
 Every rank of the mesh runs the same measurements at the same time, so each is taken under
 the conditions of a training step (on a CPU mesh, the ranks share the cores; on GPUs, each
-has its own), and the slowest rank's time is kept:
+has its own), and the mean over the ranks is kept (``cost.clock``):
 
 - **ops**: every distinct signature (``cost.profile_db.op_signature``) that some strategy of
   some node needs, once: DTensor inputs of random values in the strategy's input layouts,
@@ -20,7 +20,7 @@ has its own), and the slowest rank's time is kept:
 
 Times are wall clock, with the device synchronized around each call on GPU; except that ops
 and the optimizer on a CPU mesh whose ranks outnumber the host's cores are timed by their
-CPU time over each rank's share of a core (``_Clock``): that is what a step pays for them,
+CPU time over each rank's share of a core (``cost.clock``): that is what a step pays for them,
 where the ranks take turns on the cores. Collectives keep the wall clock (their cost is
 mostly waiting, which takes no CPU time).
 """
@@ -30,8 +30,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
-import socket
 import statistics
 import tempfile
 import time
@@ -45,6 +43,7 @@ import torch.fx as fx
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
+from autopar.cost.clock import ENOUGH_S, Clock, busy, core_share, interquartile_mean, rank_mean
 from autopar.cost.comm import MOVE_KINDS
 from autopar.cost.hardware import get_hardware
 from autopar.cost.pricing import out_bytes, work
@@ -89,81 +88,17 @@ def op_tasks(traced: Traced, mesh_shape: Sequence[int]) -> list[OpTask]:
     return list(tasks.values())
 
 
-#: a measurement's calls stop at this much time (after one): a slow op needs fewer repeats
-ENOUGH_S = 0.025
 #: a collective is timed over this many times more calls than an op (they are cheap to time)
-COLLECTIVE_CALLS_PER_REPEAT = 4
+COLLECTIVE_CALLS_PER_REPEAT = 2
+#: on a CPU host whose ranks outnumber its cores, each timed collective call comes after this
+#: much CPU time of compute on every rank, as a step's come after its ops: the ranks then
+#: arrive at different moments and find the cores busy, which back-to-back calls never see
+#: (on the 2x2 CPU mesh a small all-gather read 1.4 ms back to back, 2.2-2.8 ms after 2-5 ms)
+COMPUTE_BEFORE_COLLECTIVE_S = 0.002
 #: ops timed together, taking turns: each timed call comes after the other ops' calls, as in a step
 OPS_PER_ROUND = 32
 #: untimed rounds before the timed ones (DTensor's sharding caches and autograd's first-call work)
 WARM_ROUNDS = 2
-
-
-class _Clock:
-    """Seconds of one call of ``fn`` as a training step would pay it.
-
-    Wall time, with the device synchronized around the call on GPU. On a CPU mesh whose ranks
-    outnumber this host's cores (``core_share``), the ranks take turns on the cores: a call
-    costs the step its CPU time (this thread's, which no other rank's turn inflates) over the
-    share of a core each rank gets. Wall time there would mostly read a call that ran
-    uninterrupted, and now and then one that waited out other ranks' turns."""
-
-    def __init__(self, device: torch.device, core_share: float | None = None) -> None:
-        self.device = device
-        self.now = time.thread_time if core_share else time.perf_counter
-        self.scale = 1.0 / core_share if core_share else 1.0
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-
-    def elapsed(self, fn: Callable[[], object]) -> float:
-        self._sync()
-        t0 = self.now()
-        fn()
-        self._sync()
-        return (self.now() - t0) * self.scale
-
-    def calls(self, warm_s: list[float], repeats: int, enough_s: float = ENOUGH_S) -> list[int]:
-        """How many timed calls each measurement gets: as many as fit in ``enough_s`` by the
-        slowest rank's warm-up call (at least one, at most ``repeats``), the same on every
-        rank (an op may communicate inside). Every rank calls it (it lines the ranks up)."""
-        slowest = _slowest(warm_s, self.device)
-        return [max(1, min(repeats, int(enough_s / max(w, 1e-9)))) for w in slowest]
-
-    def __call__(
-        self,
-        fn: Callable[[], object],
-        repeats: int,
-        average: Callable[[list[float]], float] = statistics.median,
-        enough_s: float = ENOUGH_S,
-    ) -> float:
-        """A warm-up call, then the ``average`` of up to ``repeats`` calls of ``fn``."""
-        (calls,) = self.calls([self.elapsed(fn)], repeats, enough_s)
-        return average([self.elapsed(fn) for _ in range(calls)])
-
-
-def core_share(mesh: DeviceMesh) -> float | None:
-    """The share of a core each rank of a CPU mesh gets when the ranks on this host outnumber
-    its cores (None otherwise). Every rank calls it (it gathers each rank's host name)."""
-    hosts: list[str] = [""] * dist.get_world_size()
-    dist.all_gather_object(hosts, socket.gethostname())
-    here = hosts.count(socket.gethostname())
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return cores / here if mesh.device_type == "cpu" and here > cores else None
-
-
-def _interquartile_mean(times: list[float]) -> float:
-    """The mean of the middle half of ``times`` (all of them when there are fewer than 4)."""
-    times = sorted(times)
-    cut = len(times) // 4
-    return statistics.fmean(times[cut : len(times) - cut])
-
-
-def _slowest(values: list[float], device: torch.device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()
 
 
 def _input(v: torch.Tensor, spec, grad: bool, mesh: DeviceMesh) -> DTensor:
@@ -238,7 +173,7 @@ def profile_ops(
     then up to ``repeats`` timed ones, forward alone and forward with backward. In a step an op
     runs after other ops, its code and data gone from the caches; one op called again and
     again in a loop keeps them there and reads low."""
-    clock = _Clock(torch.device(mesh.device_type), core_share(mesh))
+    clock = Clock(torch.device(mesh.device_type), core_share(mesh))
     say = progress or (lambda phase: None)
     call_s = _backward_call_s(clock)
     measured: list[tuple[OpTask, float, float | None]] = []
@@ -246,7 +181,7 @@ def profile_ops(
         say(f"ops {first}/{len(tasks)}")
         measured += _time_ops(tasks[first : first + OPS_PER_ROUND], mesh, clock, repeats, call_s)
     flat = [t for _, f, b in measured for t in (f, -1.0 if b is None else b)]
-    flat = _slowest(flat, torch.device(mesh.device_type)) if flat else []
+    flat = rank_mean(flat, torch.device(mesh.device_type)) if flat else []
     out = {}
     for k, (task, _, _) in enumerate(measured):
         fwd, bwd = flat[2 * k], flat[2 * k + 1]
@@ -262,9 +197,9 @@ def profile_ops(
     return out
 
 
-def _backward_call_s(clock: _Clock, calls: int = 51) -> float:
+def _backward_call_s(clock: Clock, calls: int = 51) -> float:
     """The fixed cost of one ``torch.autograd.grad`` call (the engine's setup and teardown),
-    on the slowest rank: the backward of a one-element copy, less its forward. Each op's
+    over the ranks: the backward of a one-element copy, less its forward. Each op's
     backward is timed as a call of its own, but a step makes one call for all its ops, so this
     is taken off each op's backward."""
     x = torch.zeros(1, device=clock.device, requires_grad=True)
@@ -274,20 +209,20 @@ def _backward_call_s(clock: _Clock, calls: int = 51) -> float:
 
     both = _with_backward(forward, [x])  # the harness every op's backward is timed through
     both()
-    (call_s,) = _slowest(
+    (call_s,) = rank_mean(
         [statistics.median(clock.elapsed(both) - clock.elapsed(forward) for _ in range(calls))], clock.device
     )
     return max(call_s, 0.0)
 
 
 def _time_ops(
-    tasks: list[OpTask], mesh: DeviceMesh, clock: _Clock, repeats: int, call_s: float = 0.0
+    tasks: list[OpTask], mesh: DeviceMesh, clock: Clock, repeats: int, call_s: float = 0.0
 ) -> list[tuple[OpTask, float, float | None]]:
     """(task, forward seconds, backward seconds or None) of the tasks that run, taking turns;
     a backward without ``call_s``, the fixed cost of its own ``torch.autograd.grad`` call. An
     op that communicates inside (vocabulary-parallel cross entropy) is timed by the wall
     clock: its collectives' waiting is part of its cost and takes no CPU time."""
-    wall = _Clock(clock.device)
+    wall = Clock(clock.device)
     runs = []
     for task in tasks:
         inner = rules.INNER_COLLECTIVES.get(task.node.target)
@@ -335,9 +270,12 @@ def profile_collectives(
     repeats`` calls: a step pays the sum of its collectives' times, not their median, and one
     call's time is spread widely where ranks share cores (on 2 shared cores, from half to
     twice the mean). The sweep runs ``rounds`` times over all cases and keeps each case's
-    median over rounds, so a slow spell of the machine does not land on one message size."""
+    median over rounds, so a slow spell of the machine does not land on one message size. On
+    a CPU host whose ranks outnumber its cores, each call comes after
+    ``COMPUTE_BEFORE_COLLECTIVE_S`` of compute (untimed), as in a step."""
     per = COLLECTIVE_CALLS_PER_REPEAT
-    clock = _Clock(torch.device(mesh.device_type))
+    clock = Clock(torch.device(mesh.device_type))
+    before = busy(COMPUTE_BEFORE_COLLECTIVE_S) if core_share(mesh) else (lambda: None)
     cases: list[tuple[str, int, Callable[[], None]]] = []
     for axis, n in enumerate(mesh.shape):
         if n <= 1:
@@ -356,11 +294,11 @@ def profile_collectives(
                     (f"{mesh_key(mesh.shape)}/axis{axis}/{kind}", nbytes, _redistribute(x, placements))
                 )
     timed = functools.partial(
-        clock, repeats=per * repeats, average=_interquartile_mean, enough_s=per * ENOUGH_S
+        clock, repeats=per * repeats, average=interquartile_mean, enough_s=per * ENOUGH_S, before=before
     )
     per_round = [[timed(fn) for _, _, fn in cases] for _ in range(rounds)]
     medians = [statistics.median(r[i] for r in per_round) for i in range(len(cases))]
-    times = _slowest(medians, torch.device(mesh.device_type))
+    times = rank_mean(medians, torch.device(mesh.device_type))
     out: dict[str, dict] = {}
     for (key, nbytes, _), t in zip(cases, times):
         e = out.setdefault(key, {"sizes_bytes": [], "times_s": []})
@@ -393,7 +331,7 @@ def _redistribute(x: DTensor, placements: list) -> Callable[[], None]:
 
 def profile_optimizer(mesh: DeviceMesh, sizes_bytes: Sequence[int] = SWEEP_BYTES, repeats: int = 3) -> dict:
     """An AdamW step per parameter (DTensor parameters, as the emitted module's) against its bytes."""
-    clock = _Clock(torch.device(mesh.device_type), core_share(mesh))
+    clock = Clock(torch.device(mesh.device_type), core_share(mesh))
     per_param, count = [], 8
     for size in sizes_bytes:
         params = [torch.nn.Parameter(_full_mesh(mesh, 0, Replicate(), (size // 4,))) for _ in range(count)]
@@ -401,7 +339,7 @@ def profile_optimizer(mesh: DeviceMesh, sizes_bytes: Sequence[int] = SWEEP_BYTES
             p.grad = torch.randn_like(p)
         opt = torch.optim.AdamW(params, lr=1e-4)
         per_param.append(clock(opt.step, repeats) / count)
-    times = _slowest(per_param, torch.device(mesh.device_type))
+    times = rank_mean(per_param, torch.device(mesh.device_type))
     alpha, beta = fit_alpha_beta(list(sizes_bytes), times)
     return {
         mesh_key(mesh.shape): {

@@ -19,13 +19,15 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
 from autopar import autoparallelize
+from autopar.cost.clock import core_share, rank_mean, slowest
 from autopar.cost.comm import MOVE_KINDS
 from autopar.cost.profile_db import device_key
-from autopar.cost.profiler import SWEEP_BYTES, core_share, op_tasks, profile_model
+from autopar.cost.profiler import SWEEP_BYTES, op_tasks, profile_model
 from autopar.models import GPT, GPTConfig
 from autopar.tracer import trace
 from tests.distributed.harness import run_on_mesh
@@ -57,6 +59,9 @@ def check_profile(db: str) -> dict:
     return {
         "summary": summary,
         "core_share": core_share(mesh),
+        # rank r measures r and 10 * r: the profile keeps the mean, the call count the slowest
+        "rank_mean": rank_mean([float(dist.get_rank()), 10.0 * dist.get_rank()], torch.device("cpu")),
+        "slowest": slowest([float(dist.get_rank())], torch.device("cpu")),
         "db": data,
         "costs": plan.costs,
         "op_nodes": sum(n.kind == "op" for n in plan.nodes),
@@ -108,3 +113,8 @@ def test_the_profiled_plan_gives_the_single_device_numbers(results):
 def test_ranks_that_outnumber_the_cores_get_a_share_of_one(results):
     cores = len(os.sched_getaffinity(0))  # the 4 ranks all run on this host
     assert results["core_share"] == (cores / 4 if cores < 4 else None)
+
+
+def test_a_measurement_keeps_the_mean_over_the_ranks(results):
+    assert results["rank_mean"] == [1.5, 15.0]
+    assert results["slowest"] == [3.0]

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import time
 import types
 
 import torch
 
-from autopar.cost import profiler
+from autopar.cost import clock, profiler
 
 
 def test_backward_is_timed_without_making_the_output_gradients(monkeypatch):
@@ -22,9 +23,9 @@ def test_backward_is_timed_without_making_the_output_gradients(monkeypatch):
 
 def test_collectives_average_the_middle_half_of_their_calls():
     # one call descheduled (100) and one unusually fast (0) do not move the average
-    assert profiler._interquartile_mean([0.0, 2.0, 3.0, 100.0]) == 2.5
-    assert profiler._interquartile_mean([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 80.0]) == 4.5
-    assert profiler._interquartile_mean([5.0, 1.0]) == 3.0  # too few to trim
+    assert clock.interquartile_mean([0.0, 2.0, 3.0, 100.0]) == 2.5
+    assert clock.interquartile_mean([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 80.0]) == 4.5
+    assert clock.interquartile_mean([5.0, 1.0]) == 3.0  # too few to trim
 
 
 def test_ops_take_turns_and_an_op_that_cannot_run_is_left_out(monkeypatch):
@@ -38,9 +39,9 @@ def test_ops_take_turns_and_an_op_that_cannot_run_is_left_out(monkeypatch):
     monkeypatch.setattr(profiler, "_op_call", op_call)
     backward = lambda call, leaves: lambda: (call(), calls.append("bwd"))  # noqa: E731
     monkeypatch.setattr(profiler, "_with_backward", backward)
-    monkeypatch.setattr(profiler, "_slowest", lambda values, device: values)
+    monkeypatch.setattr(clock, "slowest", lambda values, device: values)
     tasks = [_Task("a"), _Task("broken"), _Task("b")]
-    out = profiler._time_ops(tasks, None, profiler._Clock(torch.device("cpu")), repeats=2)
+    out = profiler._time_ops(tasks, None, clock.Clock(torch.device("cpu")), repeats=2)
     assert [t for t, *_ in out] == [tasks[0], tasks[2]]
     warm = ["a", "bwd"] * profiler.WARM_ROUNDS + ["b", "bwd"] * profiler.WARM_ROUNDS
     one_round = ["a", "a", "bwd", "b", "b", "bwd"]  # forward alone, then with backward; then the next op
@@ -54,9 +55,9 @@ class _Task(str):
 
 def test_a_cpu_clock_counts_cpu_time_over_the_core_share(monkeypatch):
     ticks = iter(range(100))
-    monkeypatch.setattr(profiler.time, "thread_time", lambda: float(next(ticks)))
-    clock = profiler._Clock(torch.device("cpu"), core_share=0.5)
-    assert clock.elapsed(lambda: None) == 2.0  # one second of CPU, half a core each
+    monkeypatch.setattr(clock.time, "thread_time", lambda: float(next(ticks)))
+    cpu_clock = clock.Clock(torch.device("cpu"), core_share=0.5)
+    assert cpu_clock.elapsed(lambda: None) == 2.0  # one second of CPU, half a core each
 
 
 def test_an_ops_backward_is_priced_without_its_own_backward_call(monkeypatch):
@@ -77,3 +78,20 @@ def test_an_ops_backward_is_priced_without_its_own_backward_call(monkeypatch):
     assert (forward_s, backward_s) == (1.0, 2.5)
     ((_, _, backward_s),) = profiler._time_ops([_Task("a")], None, FixedClock(), 3, call_s=9.0)
     assert backward_s == 0.0  # never negative
+
+
+def test_a_clock_runs_its_before_call_untimed_before_every_call(monkeypatch):
+    monkeypatch.setattr(clock, "slowest", lambda values, device: values)
+    ticks = iter(range(1000))  # each timed call reads one tick; the before call reads none
+    monkeypatch.setattr(clock.time, "perf_counter", lambda: float(next(ticks)))
+    events: list[str] = []
+    wall = clock.Clock(torch.device("cpu"))
+    t = wall(lambda: events.append("call"), repeats=3, enough_s=100.0, before=lambda: events.append("before"))
+    assert events == ["before", "call"] * 4  # the warm-up call, then 3 timed ones
+    assert t == 1.0
+
+
+def test_busy_computes_for_the_cpu_time_asked():
+    t0 = time.thread_time()
+    clock.busy(0.01)()
+    assert time.thread_time() - t0 >= 0.01

@@ -1,0 +1,121 @@
+"""The profiler's clock: what one call costs a training step, measured the same on every rank.
+
+On a GPU, or a CPU host with a core for every rank, that is the call's wall time (the device
+synchronized around it). On a CPU host whose ranks outnumber its cores (``core_share``), the
+ranks take turns on the cores, and a call costs the step its CPU time over each rank's share
+of a core. The ranks agree on how many calls each measurement gets (the slowest rank's
+warm-up decides), and each measurement keeps the mean over the ranks (``rank_mean``).
+
+Not the slowest rank's: which rank is slowest differs from one op to the next (on the CPU
+mesh one op's slowest rank read a median 1.26x its median rank), and a step pays the slowest
+rank's *sum* of ops, not the sum of each op's slowest. Over GPT-2 tiny's ops on the 2x2 CPU
+mesh, the sum of per-op maxima was 1.28x the mean rank's sum, the slowest rank's sum 1.02x.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
+
+#: a measurement's calls stop at this much time (after one): a slow op needs fewer repeats
+ENOUGH_S = 0.025
+
+
+class Clock:
+    """Seconds of one call of ``fn`` as a training step would pay it.
+
+    Wall time, with the device synchronized around the call on GPU. On a CPU mesh whose ranks
+    outnumber this host's cores (``core_share``), the ranks take turns on the cores: a call
+    costs the step its CPU time (this thread's, which no other rank's turn inflates) over the
+    share of a core each rank gets. Wall time there would mostly read a call that ran
+    uninterrupted, and now and then one that waited out other ranks' turns."""
+
+    def __init__(self, device: torch.device, core_share: float | None = None) -> None:
+        self.device = device
+        self.now = time.thread_time if core_share else time.perf_counter
+        self.scale = 1.0 / core_share if core_share else 1.0
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def elapsed(self, fn: Callable[[], object]) -> float:
+        self._sync()
+        t0 = self.now()
+        fn()
+        self._sync()
+        return (self.now() - t0) * self.scale
+
+    def calls(self, warm_s: list[float], repeats: int, enough_s: float = ENOUGH_S) -> list[int]:
+        """How many timed calls each measurement gets: as many as fit in ``enough_s`` by the
+        slowest rank's warm-up call (at least one, at most ``repeats``), the same on every
+        rank (an op may communicate inside). Every rank calls it (it lines the ranks up)."""
+        return [max(1, min(repeats, int(enough_s / max(w, 1e-9)))) for w in slowest(warm_s, self.device)]
+
+    def __call__(
+        self,
+        fn: Callable[[], object],
+        repeats: int,
+        average: Callable[[list[float]], float] = statistics.median,
+        enough_s: float = ENOUGH_S,
+        before: Callable[[], object] = lambda: None,
+    ) -> float:
+        """A warm-up call, then the ``average`` of up to ``repeats`` calls of ``fn``; each call
+        after one of ``before``, untimed."""
+        before()
+        (calls,) = self.calls([self.elapsed(fn)], repeats, enough_s)
+        times = []
+        for _ in range(calls):
+            before()
+            times.append(self.elapsed(fn))
+        return average(times)
+
+
+def core_share(mesh: DeviceMesh) -> float | None:
+    """The share of a core each rank of a CPU mesh gets when the ranks on this host outnumber
+    its cores (None otherwise). Every rank calls it (it gathers each rank's host name)."""
+    hosts: list[str] = [""] * dist.get_world_size()
+    dist.all_gather_object(hosts, socket.gethostname())
+    here = hosts.count(socket.gethostname())
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return cores / here if mesh.device_type == "cpu" and here > cores else None
+
+
+def busy(cpu_s: float) -> Callable[[], None]:
+    """A call that computes (small matmuls) for ``cpu_s`` seconds of this thread's CPU time."""
+    a = torch.randn(64, 64)
+
+    def compute() -> None:
+        t0 = time.thread_time()
+        while time.thread_time() - t0 < cpu_s:
+            a @ a
+
+    return compute
+
+
+def interquartile_mean(times: list[float]) -> float:
+    """The mean of the middle half of ``times`` (all of them when there are fewer than 4)."""
+    times = sorted(times)
+    cut = len(times) // 4
+    return statistics.fmean(times[cut : len(times) - cut])
+
+
+def slowest(values: list[float], device: torch.device) -> list[float]:
+    """Each value's largest over the ranks (every rank calls it)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def rank_mean(values: list[float], device: torch.device) -> list[float]:
+    """Each value's mean over the ranks (every rank calls it)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return (t / dist.get_world_size()).tolist()
