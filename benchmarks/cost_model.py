@@ -56,6 +56,7 @@ def main() -> None:
             f"{'model':<11} {'strategy':<9} {'predicted_ms':>12} {'measured_ms':>12} {'error':>7}"
             f"   {'launches_ms':>13}"
         )
+        errors: list[float] = []
         for name in a.models.split(","):
             args = (name, 8, 32, "tiny", "cpu")
             machine = [_machine_ms()]
@@ -73,6 +74,7 @@ def main() -> None:
                     continue
                 r.measured_s = statistics.median(times)
                 err = (r.step_s - r.measured_s) / r.measured_s
+                errors.append(err)
                 ms = f"{r.step_s * 1e3:12.1f} {r.measured_s * 1e3:12.1f}"
                 spread = f"{min(times) * 1e3:.1f}-{max(times) * 1e3:.1f}"
                 print(f"{name:<11} {r.strategy:<9} {ms} {err:+7.1%}   {spread:>13}")
@@ -88,6 +90,10 @@ def main() -> None:
                 f"{name:<11} machine_ms at the profile {machine[0]:.1f}, after each launch "
                 + ", ".join(f"{m:.1f}" for m in machine[1:])
             )
+        if errors:
+            within = sum(abs(e) <= 0.20 for e in errors)
+            mean = statistics.fmean(abs(e) for e in errors)
+            print(f"rows within 20%: {within} of {len(errors)}; mean absolute error {mean:.1%}")
         _collective_table(db)
     if not a.skip_gpt2_small:
         with tempfile.TemporaryDirectory() as tmp:
@@ -123,16 +129,20 @@ def _collective_table(db: str) -> None:
     entry = next(iter(json.loads(Path(db).read_text())["devices"].values()))
     print("\nlayout changes: fitted alpha + beta * bytes against the measured sweep (median per size)")
     print(f"{'axis/kind':<22} {'alpha_ms':>9} {'GB/s':>7}  error per size (4 KiB .. 4 MiB)")
+    worst_errors = []
     for key, fit in sorted(entry["collectives"].items()):
         alpha, beta = fit["alpha_s"], fit["s_per_byte"]
         errs = [(alpha + beta * x) / t - 1 for x, t in zip(fit["sizes_bytes"], fit["times_s"])]
         bw = f"{1 / beta / 1e9:7.2f}" if beta > 0 else "    inf"
         worst = max(abs(e) for e in errs)
+        worst_errors.append(worst)
         print(
             f"{key.split('/', 1)[1]:<22} {alpha * 1e3:9.3f} {bw}  "
             + " ".join(f"{e:+5.0%}" for e in errs)
             + f"   worst {worst:.0%}"
         )
+    within = sum(w <= 0.15 for w in worst_errors)
+    print(f"lines within 15% at every size: {within} of {len(worst_errors)}")
 
 
 if __name__ == "__main__":
