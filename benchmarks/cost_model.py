@@ -1,20 +1,22 @@
 """The profiled cost model against reality on this machine's CPU mesh (4 gloo processes, 2x2).
 
-For tiny GPT-2 and LLaMA (zoo, fp32, batch 8, sequence 32): profile the model on the mesh
-(``autopar profile``), plan it under ``auto`` and two pinned strategies priced from the
-profile, run each plan's training step (forward, backward, AdamW; ``bench.measure``) in
-``--launches`` fresh sets of processes (one launch's mean step time differs from the next by
-up to 20-30% on this 2-core machine; the median is kept, the spread printed) and print
-predicted vs measured step time, and whether the three rank the same both ways. Then
-the fitted alpha-beta line of every layout change on each mesh axis against the times it
-was fitted on, and a profile of the 12-layer GPT-2 small (real widths, batch 1, sequence 64):
-its time and how many distinct signatures it measured.
+For tiny GPT-2 and LLaMA (zoo, fp32, batch 8, sequence 32), ``--rounds`` times: profile the
+model on the mesh (``autopar profile``), plan it under ``auto`` and two pinned strategies
+priced from that profile, and run each plan's training step (forward, backward, AdamW;
+``bench.measure``) in fresh processes right after. Per strategy it prints the median
+prediction, the median measurement, the median of the rounds' errors and each round's
+error, and whether the three rank the same both ways. Then the fitted alpha-beta line of
+every layout change on each mesh axis against the times it was fitted on, and a profile of
+the 12-layer GPT-2 small (real widths, batch 1, sequence 64): its time and how many distinct
+signatures it measured.
 
-This machine's speed drifts (other tenants share its host): the CPU time of one fixed
-single-thread workload is printed when each model is profiled and after each launch
-(``machine_ms``), so an error that is the machine's and not the model's shows as a change there.
+This machine's speed drifts over minutes (other tenants share its host): the CPU time of
+one fixed single-thread workload (``machine_ms``) moved between 8 and 16 ms within single
+runs. So each round measures right after its own profile, and ``machine_ms`` is printed
+before each profile and after its measurement: an error that is the machine's and not the
+model's shows as a change there.
 
-Run: python benchmarks/cost_model.py [--models gpt2-124m,llama3-8b] [--steps 10] [--launches 3]
+Run: python benchmarks/cost_model.py [--models gpt2-124m,llama3-8b] [--steps 10] [--rounds 3]
      [--db PATH] [--skip-gpt2-small]
 """
 
@@ -43,7 +45,7 @@ def main() -> None:
     ap.add_argument("--models", default="gpt2-124m,llama3-8b")
     ap.add_argument("--steps", type=int, default=10, help="measured training steps per plan")
     ap.add_argument(
-        "--launches", type=int, default=3, help="times each plan is measured in fresh processes (median kept)"
+        "--rounds", type=int, default=5, help="profile-plan-measure rounds per model (medians kept)"
     )
     ap.add_argument("--db", default="", help="profile database (default: a temporary one)")
     ap.add_argument("--skip-gpt2-small", action="store_true")
@@ -54,42 +56,11 @@ def main() -> None:
         print(f"step time on a {'x'.join(map(str, MESH))} CPU mesh (gloo), tiny models, batch 8, seq 32")
         print(
             f"{'model':<11} {'strategy':<9} {'predicted_ms':>12} {'measured_ms':>12} {'error':>7}"
-            f"   {'launches_ms':>13}"
+            f"   errors of the {a.rounds} rounds"
         )
         errors: list[float] = []
         for name in a.models.split(","):
-            args = (name, 8, 32, "tiny", "cpu")
-            machine = [_machine_ms()]
-            summary = profile_local(_model, args, MESH, db)
-            model, kwargs = _model(*args)
-            rows = bench.compare(model, kwargs, MESH, STRATEGIES, gpu="cpu", profile=db)
-            launches = []
-            for _ in range(a.launches):
-                bench.measure(rows, _model, args, steps=a.steps)
-                launches.append([r.measured_s for r in rows])
-                machine.append(_machine_ms())
-            for r, times in zip(rows, zip(*launches)):
-                if r.measured_s is None:
-                    print(f"{name:<11} {r.strategy:<9} {'':>12} {'':>12}   {r.problem}")
-                    continue
-                r.measured_s = statistics.median(times)
-                err = (r.step_s - r.measured_s) / r.measured_s
-                errors.append(err)
-                ms = f"{r.step_s * 1e3:12.1f} {r.measured_s * 1e3:12.1f}"
-                spread = f"{min(times) * 1e3:.1f}-{max(times) * 1e3:.1f}"
-                print(f"{name:<11} {r.strategy:<9} {ms} {err:+7.1%}   {spread:>13}")
-            rows = [r for r in rows if r.measured_s is not None]
-            same = _ranking(rows, "step_s") == _ranking(rows, "measured_s")
-            verdict = "same" if same else "DIFFERENT"
-            print(
-                f"{name:<11} ranking by prediction {' < '.join(_ranking(rows, 'step_s'))}; "
-                f"by measurement {' < '.join(_ranking(rows, 'measured_s'))} ({verdict}); "
-                f"profiled {summary['signatures']} signatures in {summary['seconds']:.1f} s"
-            )
-            print(
-                f"{name:<11} machine_ms at the profile {machine[0]:.1f}, after each launch "
-                + ", ".join(f"{m:.1f}" for m in machine[1:])
-            )
+            errors += _model_rows(name, db, a.rounds, a.steps)
         if errors:
             within = sum(abs(e) <= 0.20 for e in errors)
             mean = statistics.fmean(abs(e) for e in errors)
@@ -103,6 +74,52 @@ def main() -> None:
             f"\nGPT-2 small (12 layers, batch 1, seq 64) on 2x2: {s['signatures']} distinct signatures, "
             f"each measured once ({s['measured']} measured), {s['seconds']:.1f} s on rank 0 ({phases})"
         )
+
+
+def _model_rows(name: str, db: str, rounds: int, steps: int) -> list[float]:
+    """Profile, plan and measure ``name`` ``rounds`` times; print a row per strategy (the
+    median prediction, the median measurement, the median of the rounds' errors) and return
+    those errors. Each round measures its plans right after their profile, so the two meet
+    the machine in much the same state (its speed drifts over minutes)."""
+    args = (name, 8, 32, "tiny", "cpu")
+    model, kwargs = _model(*args)
+    per_round, machine, summaries = [], [], []
+    for _ in range(rounds):
+        before = _machine_ms()
+        summaries.append(profile_local(_model, args, MESH, db))
+        rows = bench.compare(model, kwargs, MESH, STRATEGIES, gpu="cpu", profile=db)
+        bench.measure(rows, _model, args, steps=steps)
+        per_round.append(rows)
+        machine.append(f"{before:.1f}/{_machine_ms():.1f}")
+    errors, medians = [], []
+    for k, strategy in enumerate(STRATEGIES):
+        rows = [r[k] for r in per_round]
+        failed = next((r.problem for r in rows if r.measured_s is None), None)
+        if failed:
+            print(f"{name:<11} {strategy:<9} {'':>12} {'':>12}   {failed}")
+            continue
+        errs = [(r.step_s - r.measured_s) / r.measured_s for r in rows]
+        predicted = statistics.median(r.step_s for r in rows)
+        measured = statistics.median(r.measured_s for r in rows)
+        medians.append((strategy, predicted, measured))
+        errors.append(statistics.median(errs))
+        ms = f"{predicted * 1e3:12.1f} {measured * 1e3:12.1f}"
+        print(f"{name:<11} {strategy:<9} {ms} {errors[-1]:+7.1%}   " + " ".join(f"{e:+.0%}" for e in errs))
+    by_prediction = [s for s, *_ in sorted(medians, key=lambda m: m[1])]
+    by_measurement = [s for s, *_ in sorted(medians, key=lambda m: m[2])]
+    agree = sum(_ranking(rows, "step_s") == _ranking(rows, "measured_s") for rows in per_round)
+    verdict = "same" if by_prediction == by_measurement else "DIFFERENT"
+    print(
+        f"{name:<11} ranking of the medians by prediction {' < '.join(by_prediction)}; by measurement "
+        f"{' < '.join(by_measurement)} ({verdict}); the same in {agree} of {rounds} rounds"
+    )
+    print(
+        f"{name:<11} profiled {summaries[0]['signatures']} signatures in "
+        + ", ".join(f"{s['seconds']:.1f}" for s in summaries)
+        + " s; machine_ms before each profile / after its measurement "
+        + ", ".join(machine)
+    )
+    return errors
 
 
 def _machine_ms() -> float:
