@@ -16,7 +16,7 @@ runs. So each round measures right after its own profile, and ``machine_ms`` is 
 before each profile and after its measurement: an error that is the machine's and not the
 model's shows as a change there.
 
-Run: python benchmarks/cost_model.py [--models gpt2-124m,llama3-8b] [--steps 10] [--rounds 3]
+Run: python benchmarks/cost_model.py [--models gpt2-124m,llama3-8b] [--steps 10] [--rounds 5]
      [--db PATH] [--skip-gpt2-small]
 """
 
@@ -107,11 +107,12 @@ def _model_rows(name: str, db: str, rounds: int, steps: int) -> list[float]:
         print(f"{name:<11} {strategy:<9} {ms} {errors[-1]:+7.1%}   " + " ".join(f"{e:+.0%}" for e in errs))
     by_prediction = [s for s, *_ in sorted(medians, key=lambda m: m[1])]
     by_measurement = [s for s, *_ in sorted(medians, key=lambda m: m[2])]
-    agree = sum(_ranking(rows, "step_s") == _ranking(rows, "measured_s") for rows in per_round)
+    measured_rounds = [rs for rs in per_round if all(r.measured_s is not None for r in rs)]
+    agree = sum(_ranking(rs, "step_s") == _ranking(rs, "measured_s") for rs in measured_rounds)
     verdict = "same" if by_prediction == by_measurement else "DIFFERENT"
     print(
         f"{name:<11} ranking of the medians by prediction {' < '.join(by_prediction)}; by measurement "
-        f"{' < '.join(by_measurement)} ({verdict}); the same in {agree} of {rounds} rounds"
+        f"{' < '.join(by_measurement)} ({verdict}); the same in {agree} of {len(measured_rounds)} rounds"
     )
     print(
         f"{name:<11} profiled {summaries[0]['signatures']} signatures in "
