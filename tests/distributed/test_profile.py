@@ -24,7 +24,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
 from autopar import autoparallelize
-from autopar.cost.clock import core_share, rank_mean, slowest
+from autopar.cost import profiler
+from autopar.cost.clock import core_share, slowest
 from autopar.cost.comm import MOVE_KINDS
 from autopar.cost.profile_db import device_key
 from autopar.cost.profiler import SWEEP_BYTES, op_tasks, profile_model
@@ -59,8 +60,7 @@ def check_profile(db: str) -> dict:
     return {
         "summary": summary,
         "core_share": core_share(mesh),
-        # rank r measures r and 10 * r: the profile keeps the mean, the call count the slowest
-        "rank_mean": rank_mean([float(dist.get_rank()), 10.0 * dist.get_rank()], torch.device("cpu")),
+        "kept": _kept_over_ranks(inputs, mesh),
         "slowest": slowest([float(dist.get_rank())], torch.device("cpu")),
         "db": data,
         "costs": plan.costs,
@@ -68,6 +68,21 @@ def check_profile(db: str) -> dict:
         "loss_err": abs(_full(loss).item() - ref_loss.item()),
         "grad_err": grad_err,
     }
+
+
+def _kept_over_ranks(inputs: dict, mesh) -> tuple[float, float]:
+    """What ``profile_ops`` keeps of one op when rank r times its forward at r + 1 seconds and
+    its backward at 10 * (r + 1)."""
+    model, _ = _gpt()
+    task = op_tasks(trace(model, (), inputs), MESH)[0]
+    r = dist.get_rank() + 1.0
+    timed = profiler._time_ops
+    profiler._time_ops = lambda tasks, *rest: [(t, r, 10 * r) for t in tasks]
+    try:
+        (entry,) = profiler.profile_ops([task], mesh).values()
+    finally:
+        profiler._time_ops = timed
+    return entry["forward_s"], entry["backward_s"]
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -115,6 +130,7 @@ def test_ranks_that_outnumber_the_cores_get_a_share_of_one(results):
     assert results["core_share"] == (cores / 4 if cores < 4 else None)
 
 
-def test_a_measurement_keeps_the_mean_over_the_ranks(results):
-    assert results["rank_mean"] == [1.5, 15.0]
-    assert results["slowest"] == [3.0]
+def test_an_ops_time_is_the_mean_over_the_ranks(results):
+    # ranks time 1, 2, 3, 4 s forward and 10, 20, 30, 40 s backward: the slowest would be 4 and 40
+    assert list(results["kept"]) == [2.5, 25.0]
+    assert results["slowest"] == [3.0]  # what decides how many calls each measurement gets
