@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import random
 import statistics
 import tempfile
 import time
@@ -270,8 +271,11 @@ def profile_collectives(
     repeats`` calls: a step pays the sum of its collectives' times, not their median, and one
     call's time is spread widely where ranks share cores (on 2 shared cores, from half to
     twice the mean). The sweep runs ``rounds`` times over all cases and keeps each case's
-    median over rounds, so a slow spell of the machine does not land on one message size. On
-    a CPU host whose ranks outnumber its cores, each call comes after
+    median over rounds. Each round times the cases in its own order (``round_order``), so
+    neither a slow spell of the machine nor the first case after a switch of line lands on the
+    same message size every round: in sweep order the first size of every line, 4 KiB, read
+    on average 5-7% above its fitted line (mean over the 12 lines of a 2x2 CPU mesh),
+    shuffled within 1%. On a CPU host whose ranks outnumber its cores, each call comes after
     ``COMPUTE_BEFORE_COLLECTIVE_S`` of compute (untimed), as in a step."""
     per = COLLECTIVE_CALLS_PER_REPEAT
     clock = Clock(torch.device(mesh.device_type))
@@ -296,7 +300,12 @@ def profile_collectives(
     timed = functools.partial(
         clock, repeats=per * repeats, average=interquartile_mean, enough_s=per * ENOUGH_S, before=before
     )
-    per_round = [[timed(fn) for _, _, fn in cases] for _ in range(rounds)]
+    per_round = []
+    for r in range(rounds):
+        times_s = [0.0] * len(cases)
+        for i in round_order(len(cases), r):
+            times_s[i] = timed(cases[i][2])
+        per_round.append(times_s)
     medians = [statistics.median(r[i] for r in per_round) for i in range(len(cases))]
     times = rank_mean(medians, torch.device(mesh.device_type))
     out: dict[str, dict] = {}
@@ -307,6 +316,12 @@ def profile_collectives(
     for e in out.values():
         e["alpha_s"], e["s_per_byte"] = fit_alpha_beta(e["sizes_bytes"], e["times_s"])
     return out
+
+
+def round_order(n: int, round_index: int) -> list[int]:
+    """The order in which round ``round_index`` of a sweep times its ``n`` cases: a shuffle
+    seeded by the round, so every rank makes the same calls in the same order."""
+    return random.Random(round_index).sample(range(n), n)
 
 
 def _full_mesh(mesh: DeviceMesh, axis: int, placement, local: tuple[int, ...]) -> DTensor:

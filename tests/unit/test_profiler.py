@@ -95,3 +95,14 @@ def test_busy_computes_for_the_cpu_time_asked():
     t0 = time.thread_time()
     clock.busy(0.01)()
     assert time.thread_time() - t0 >= 0.01
+
+
+def test_each_sweep_round_times_its_cases_in_its_own_order_the_same_on_every_rank():
+    n, rounds = 72, 5  # a 2x2 CPU mesh's sweep: 2 axes, 6 kinds, 6 sizes
+    orders = [profiler.round_order(n, r) for r in range(rounds)]
+    assert all(sorted(o) == list(range(n)) for o in orders)  # every case once per round
+    assert orders == [profiler.round_order(n, r) for r in range(rounds)]  # each rank computes the same
+    assert len({tuple(o) for o in orders}) == rounds
+    # what comes before a case (in sweep order: the previous line's largest size) changes
+    before = [{o[o.index(i) - 1] if o.index(i) else None for o in orders} for i in range(n)]
+    assert all(len(b) > 1 for b in before)
