@@ -1,10 +1,14 @@
 """The profiler's clock: what one call costs a training step, measured the same on every rank.
 
-On a GPU, or a CPU host with a core for every rank, that is the call's wall time (the device
-synchronized around it). On a CPU host whose ranks outnumber its cores (``core_share``), the
-ranks take turns on the cores, and a call costs the step its CPU time over each rank's share
-of a core. The ranks agree on how many calls each measurement gets (the slowest rank's
-warm-up decides), and each measurement keeps the mean over the ranks (``rank_mean``).
+On a GPU that is its kernels' time on the stream, read by CUDA events with the GPU kept busy
+while the call is queued (``GPU_COVER_CYCLES``): the launch is hidden, as in a step that
+keeps the GPU busy, and so is host time (Python, dispatch) shorter than the cover, which a
+step whose host runs behind the GPU would pay instead. On a CPU host with a core for every
+rank, it is the call's wall time. On a CPU host whose ranks outnumber its cores
+(``core_share``), the ranks take turns on the cores, and a call costs the step its CPU time
+over each rank's share of a core. The ranks agree on how many calls each measurement gets
+(the slowest rank's warm-up decides), and each measurement keeps the mean over the ranks
+(``rank_mean``).
 
 Not the slowest rank's: which rank is slowest differs from one op to the next (on the CPU
 mesh one op's slowest rank read a median 1.26x its median rank), and a step pays the slowest
@@ -26,12 +30,16 @@ from torch.distributed.device_mesh import DeviceMesh
 
 #: a measurement's calls stop at this much time (after one): a slow op needs fewer repeats
 ENOUGH_S = 0.025
+#: GPU clock cycles of work queued before each timed call (about 0.5 ms on H100-class GPUs):
+#: the call's kernels are queued behind it, so their launch costs no GPU time
+GPU_COVER_CYCLES = 1_000_000
 
 
 class Clock:
     """Seconds of one call of ``fn`` as a training step would pay it.
 
-    Wall time, with the device synchronized around the call on GPU. On a CPU mesh whose ranks
+    On a GPU the kernels' time on the stream (CUDA events, the call queued behind
+    ``GPU_COVER_CYCLES`` of GPU work); elsewhere wall time. On a CPU mesh whose ranks
     outnumber this host's cores (``core_share``), the ranks take turns on the cores: a call
     costs the step its CPU time (this thread's, which no other rank's turn inflates) over the
     share of a core each rank gets. Wall time there would mostly read a call that ran
@@ -42,15 +50,11 @@ class Clock:
         self.now = time.thread_time if core_share else time.perf_counter
         self.scale = 1.0 / core_share if core_share else 1.0
 
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-
     def elapsed(self, fn: Callable[[], object]) -> float:
-        self._sync()
+        if self.device.type == "cuda":
+            return _cuda_elapsed(fn)
         t0 = self.now()
         fn()
-        self._sync()
         return (self.now() - t0) * self.scale
 
     def calls(self, warm_s: list[float], repeats: int, enough_s: float = ENOUGH_S) -> list[int]:
@@ -76,6 +80,17 @@ class Clock:
             before()
             times.append(self.elapsed(fn))
         return average(times)
+
+
+def _cuda_elapsed(fn: Callable[[], object]) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    torch.cuda._sleep(GPU_COVER_CYCLES)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
 
 
 def core_share(mesh: DeviceMesh) -> float | None:

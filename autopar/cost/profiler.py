@@ -76,17 +76,26 @@ class OpTask:
 
 def op_tasks(traced: Traced, mesh_shape: Sequence[int]) -> list[OpTask]:
     """One task per distinct op signature over every strategy of every node, in graph order."""
-    g = build(traced.gm, mesh_shape, get_hardware("cpu"), traced.trainable)
     tasks: dict[str, OpTask] = {}
+    for node_tasks in node_op_tasks(traced, mesh_shape).values():
+        for task in node_tasks:
+            tasks.setdefault(task.signature, task)
+    return list(tasks.values())
+
+
+def node_op_tasks(traced: Traced, mesh_shape: Sequence[int]) -> dict[fx.Node, list[OpTask]]:
+    """Each op node's task per strategy it may take (the same signature may recur)."""
+    g = build(traced.gm, mesh_shape, get_hardware("cpu"), traced.trainable)
+    out: dict[fx.Node, list[OpTask]] = {}
     for nc in g.nodes.values():
         if nc.kind != "op":
             continue
         grads = tuple(input_grads(g.nodes, nc.node))
-        for s in nc.strategies:
-            sig = op_signature(nc.node, s.ins, grads, mesh_shape)
-            if sig not in tasks:
-                tasks[sig] = OpTask(sig, nc.node, s, grads, nc.requires_grad)
-    return list(tasks.values())
+        out[nc.node] = [
+            OpTask(op_signature(nc.node, s.ins, grads, mesh_shape), nc.node, s, grads, nc.requires_grad)
+            for s in nc.strategies
+        ]
+    return out
 
 
 #: a collective is timed over this many times more calls than an op (they are cheap to time)
