@@ -1,7 +1,7 @@
 """Each op's profiled price against its time inside a running step: the cost model at the op level.
 
 On one device (the GPU when there is one, else this CPU), a world of one process: trace
-GPT-2 small (12 layers, real widths), profile its ops as ``autopar profile`` does
+GPT-2 small (12 layers, real widths; ``--model``), profile its ops as ``autopar profile`` does
 (``cost.profiler.profile_ops``: each distinct signature alone, taking turns), then emit the
 module of its plan on that device and run its forward node by node (``fx.Interpreter``),
 timing each op's call where the step makes it (``--runs`` forwards after a warm-up, the
@@ -9,11 +9,17 @@ median kept): on a GPU by CUDA events queued with the step (no synchronization b
 ops, as in a step), on the CPU by the wall clock. For every op node of the traced model it
 compares the profiled forward time of its signature with that in-step time.
 
-It prints the sum of the forward priced and measured, how many ops are within 10% and the
-share of the forward's time they take, the same for the ops that each take at least 0.5%
-of it, and the ops furthest off by absolute time.
+``--rounds`` times over (profile, then time the forward), each side's median over the
+rounds kept per op: a shared CPU host runs faster or slower by 20-35% for seconds at a
+time, and a profile taking two seconds can land in one such spell whole.
 
-Run: python benchmarks/op_level.py [--batch B] [--seq S] [--runs 20] [--mixed-precision bf16]
+It prints each round's summed error, then for the medians the sum of the forward priced and
+measured, how many ops are within 10% and the share of the forward's time they take, the
+same for the ops that each take at least 0.5% of it, and the ops furthest off by absolute
+time.
+
+Run: python benchmarks/op_level.py [--model gpt2-124m] [--size real] [--batch B] [--seq S]
+     [--runs 20] [--rounds 3] [--mixed-precision bf16]
      (defaults: on a GPU batch 8, seq 1024, bf16; on the CPU batch 1, seq 64, fp32)
 """
 
@@ -45,9 +51,12 @@ MATTERS = 0.005
 def main() -> None:
     ap = argparse.ArgumentParser()
     cuda = torch.cuda.is_available()
+    ap.add_argument("--model", default="gpt2-124m", help="a zoo model (default: GPT-2 small)")
+    ap.add_argument("--size", default="real", help="the zoo model's size: real or tiny")
     ap.add_argument("--batch", type=int, default=8 if cuda else 1)
     ap.add_argument("--seq", type=int, default=1024 if cuda else 64)
     ap.add_argument("--runs", type=int, default=20, help="timed forwards (the median per op is kept)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of profile and forward (medians kept)")
     ap.add_argument("--mixed-precision", default="bf16" if cuda else "", help="bf16, fp16 or '' (off)")
     a = ap.parse_args()
     warnings.filterwarnings("ignore")
@@ -56,42 +65,59 @@ def main() -> None:
         torch.cuda.set_device(0)
     dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
-        compare(device, a.batch, a.seq, a.runs, a.mixed_precision or None)
+        compare(device, a.model, a.size, a.batch, a.seq, a.runs, a.rounds, a.mixed_precision or None)
     finally:
         dist.destroy_process_group()
 
 
-def compare(device: str, batch: int, seq: int, runs: int, mixed_precision: str | None) -> None:
+def compare(
+    device: str, model_name: str, size: str, batch: int, seq: int, runs: int, rounds: int,
+    mixed_precision: str | None,
+) -> None:  # fmt: skip
     mesh = init_device_mesh(device, (1,))
     torch.manual_seed(0)
-    model, kwargs = _model("gpt2-124m", batch, seq, "real", device)
+    model, kwargs = _model(model_name, batch, seq, size, device)
     traced = trace(model, (), kwargs, param_dtype(mixed_precision))
     tasks = node_op_tasks(traced, (1,))
-    t0 = time.perf_counter()
-    profiled = profile_ops(_distinct(tasks), mesh)
-    profile_s = time.perf_counter() - t0
     plan = make_plan(
         model, (), (1,), example_kwargs=kwargs, gpu="cpu" if device == "cpu" else "h100",
         mixed_precision=mixed_precision, kernels="eager",
     )  # fmt: skip
     emitted = apply_plan(trace(model, (), kwargs, param_dtype(mixed_precision)).gm, plan, mesh, weights=model)
-    in_step = _in_step_s(emitted, kwargs, device, runs)
-
-    rows = []  # (node, priced_s, measured_s)
-    for node, node_tasks in tasks.items():
-        entry = profiled.get(node_tasks[0].signature)
-        if entry is not None and node.name in in_step:
-            rows.append((node, entry["forward_s"], in_step[node.name]))
+    priced: dict[str, list[float]] = {}
+    measured: dict[str, list[float]] = {}
+    for r in range(rounds):
+        t0 = time.perf_counter()
+        profiled = profile_ops(_distinct(tasks), mesh)
+        profile_s = time.perf_counter() - t0
+        in_step = _in_step_s(emitted, kwargs, device, runs)
+        for node, node_tasks in tasks.items():
+            entry = profiled.get(node_tasks[0].signature)
+            if entry is not None and node.name in in_step:
+                priced.setdefault(node.name, []).append(entry["forward_s"])
+                measured.setdefault(node.name, []).append(in_step[node.name])
+        p, m = (sum(v[-1] for v in d.values()) for d in (priced, measured))
+        print(
+            f"round {r + 1}: {len(profiled)} signatures profiled in {profile_s:.1f} s; forward priced "
+            f"{p * 1e3:.2f} ms, measured {m * 1e3:.2f} ms ({p / m - 1:+.1%})"
+        )
+    nodes = {n.name: n for n in tasks}
+    rows = [
+        (nodes[name], statistics.median(priced[name]), statistics.median(measured[name]))
+        for name in priced
+        if len(priced[name]) == rounds
+    ]
     total_priced = sum(p for _, p, _ in rows)
     total_s = sum(m for *_, m in rows)
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     print(
-        f"GPT-2 small, batch {batch}, seq {seq}, {mixed_precision or 'fp32'}, on one {name}: "
-        f"{len(tasks)} op nodes, {len(profiled)} signatures profiled in {profile_s:.1f} s"
+        f"\n{model_name} ({size}), batch {batch}, seq {seq}, {mixed_precision or 'fp32'}, on one {name}; "
+        f"each op's medians over {rounds} rounds"
     )
     print(
-        f"forward, summed over the {len(rows)} ops compared: priced {total_priced * 1e3:.2f} ms, "
-        f"measured in the step {total_s * 1e3:.2f} ms ({total_priced / total_s - 1:+.1%})"
+        f"forward, summed over the {len(rows)} of {len(tasks)} op nodes compared: priced "
+        f"{total_priced * 1e3:.2f} ms, measured in the step {total_s * 1e3:.2f} ms "
+        f"({total_priced / total_s - 1:+.1%})"
     )
     for label, subset in (
         ("all ops", rows),

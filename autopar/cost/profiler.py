@@ -18,10 +18,10 @@ has its own), and the mean over the ranks is kept (``cost.clock``):
   call); a line ``alpha + beta * bytes`` fitted per axis and kind.
 - **optimizer**: an AdamW step over parameters of a sweep of sizes; a line per parameter.
 
-Times are wall clock, with the device synchronized around each call on GPU; except that ops
-and the optimizer on a CPU mesh whose ranks outnumber the host's cores are timed by their
-CPU time over each rank's share of a core (``cost.clock``): that is what a step pays for them,
-where the ranks take turns on the cores. Collectives keep the wall clock (their cost is
+Times are the kernels' time on the stream on a GPU (CUDA events), wall clock on a CPU; except
+that ops and the optimizer on a CPU mesh whose ranks outnumber the host's cores are timed by
+their CPU time over each rank's share of a core (``cost.clock``): that is what a step pays for
+them, where the ranks take turns on the cores. Collectives keep the wall clock (their cost is
 mostly waiting, which takes no CPU time).
 """
 
