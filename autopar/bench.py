@@ -15,6 +15,7 @@ from __future__ import annotations
 import gc
 import json
 import math
+import statistics
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -50,6 +51,10 @@ class BenchRow:
     plan_json: str = field(default="", repr=False)
     #: measured seconds per training step on a local CPU mesh (``measure``)
     measured_s: float | None = None
+    #: how fast the host ran while it measured: a fixed workload's seconds
+    #: (``cost.clock.reference_s``), the mean of one sample before the steps and one after,
+    #: over the ranks; compare with the profile's (``autopar profile`` prints it)
+    measured_reference_s: float | None = None
 
 
 def mesh_shapes(n_devices: int, max_axes: int = 3) -> list[tuple[int, ...]]:
@@ -140,6 +145,7 @@ def measure(rows: list[BenchRow], build: Callable, build_args: tuple, steps: int
             raise AutoparError(f"measuring the plans on {world} local processes failed: {exc}") from None
         for r, t in zip(todo, json.loads(out.read_text())):
             r.measured_s = t.get("s")
+            r.measured_reference_s = t.get("reference_s")
             if "error" in t:
                 r.problem = f"failed when run: {t['error']}"
 
@@ -152,6 +158,7 @@ def _time_plans(
     from torch.distributed.device_mesh import init_device_mesh
 
     from autopar.api import autoparallelize
+    from autopar.cost.clock import rank_mean, reference_s
     from autopar.solver.plan import Plan
 
     times: list[dict] = []
@@ -164,6 +171,7 @@ def _time_plans(
             pm = autoparallelize(model, (), mesh, example_kwargs=inputs, plan=plan)
             opt = torch.optim.AdamW(pm.parameters(), lr=1e-4)
             gc.collect()  # the previous plan's module goes now, not while this one is timed
+            reference = [reference_s(torch.device("cpu"))]
             gc.disable()
             try:
                 for i in range(steps + WARM_UP_STEPS):
@@ -176,7 +184,11 @@ def _time_plans(
                 dist.barrier()
             finally:
                 gc.enable()
-            times.append({"s": (time.perf_counter() - t0) / steps})
+            step_s = (time.perf_counter() - t0) / steps
+            reference.append(reference_s(torch.device("cpu")))
+            times.append(
+                {"s": step_s, "reference_s": rank_mean([statistics.fmean(reference)], torch.device("cpu"))[0]}
+            )
         except Exception as exc:  # noqa: BLE001 - reported in the table, not a crash
             times.append({"error": f"{type(exc).__name__}: {exc}".splitlines()[0]})
             dist.barrier()

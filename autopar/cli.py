@@ -282,6 +282,10 @@ def _profile(args: argparse.Namespace) -> int:
         f"{summary['collectives']} collective fits, in {summary['seconds']:.1f} s on {summary['device']} "
         f"({', '.join(f'{k[:-2]} {v:.1f} s' for k, v in summary['phases_s'].items())}); merged into {args.db}"
     )
+    print(
+        f"host speed: a fixed workload took {summary['reference_s'] * 1e3:.2f} ms, moving by "
+        f"{summary['speed_spread']:.0%} (90th percentile over 10th) while profiling"
+    )
     return 0
 
 

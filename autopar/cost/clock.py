@@ -93,6 +93,43 @@ def _cuda_elapsed(fn: Callable[[], object]) -> float:
     return start.elapsed_time(end) / 1e3
 
 
+def reference_s(device: torch.device) -> float:
+    """Seconds of a fixed workload on ``device``: how fast it runs at this moment. On a CPU
+    this thread's CPU time of small matrix products and elementwise ops (2-3 ms on a 2-core
+    CI machine); on a GPU a bf16 matrix product's time by CUDA events."""
+    if device.type == "cuda":
+        a = torch.ones(4096, 4096, device=device, dtype=torch.bfloat16)
+        return _cuda_elapsed(lambda: a @ a)
+    a, v = torch.ones(128, 128), torch.ones(1000)
+    t0 = time.thread_time()
+    for _ in range(10):
+        a @ a
+        for _ in range(20):
+            v.add(1.0).mul(2.0)
+    return time.thread_time() - t0
+
+
+class HostSpeed:
+    """``reference_s`` sampled through a measurement, on every rank: a shared host runs 20-35%
+    slower or faster for seconds at a time (the same work's CPU time moves, not only its wall
+    time), and what is measured in a slow spell reads high. ``spread`` says how steady the
+    host was: the 90th percentile of the samples over the 10th, less one."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.samples_s: list[float] = []
+
+    def sample(self) -> None:
+        self.samples_s.append(reference_s(self.device))
+
+    def summary(self) -> tuple[float, float]:
+        """(median seconds, spread), each the mean over the ranks (every rank calls it)."""
+        s = self.samples_s
+        deciles = statistics.quantiles(s, n=10) if len(s) > 1 else [s[0]] * 9
+        median_s, spread = rank_mean([statistics.median(s), deciles[-1] / deciles[0] - 1], self.device)
+        return median_s, spread
+
+
 def core_share(mesh: DeviceMesh) -> float | None:
     """The share of a core each rank of a CPU mesh gets when the ranks on this host outnumber
     its cores (None otherwise). Every rank calls it (it gathers each rank's host name)."""

@@ -12,11 +12,10 @@ has its own), and the mean over the ranks is kept (``cost.clock``):
   median of up to ``repeats`` timed ones; a backward less the fixed cost of its own
   ``torch.autograd.grad`` call, which a step pays once. Identical repeated blocks have
   identical signatures, so depth adds nothing.
-- **layout changes**: each step kind (all-reduce, reduce-scatter, all-gather, all-to-all,
-  and the local slice and partial steps) on each mesh axis, through ``runtime.layout.reshard``
-  over a sweep of sizes (each the mean of the middle half of many calls: a step pays every
-  call); a line ``alpha + beta * bytes`` fitted per axis and kind.
-- **optimizer**: an AdamW step over parameters of a sweep of sizes; a line per parameter.
+- **layout changes** and the **optimizer**: sweeps over message sizes (``cost.sweeps``).
+- **host speed**: a fixed workload's time (``cost.clock.HostSpeed``) before each batch of ops
+  and between the phases; a profile taken while it moved by more than ``UNSTEADY_SPREAD``
+  warns, since its prices carry noise of that order.
 
 Times are the kernels' time on the stream on a GPU (CUDA events), wall clock on a CPU; except
 that ops and the optimizer on a CPU mesh whose ranks outnumber the host's cores are timed by
@@ -27,13 +26,12 @@ mostly waiting, which takes no CPU time).
 
 from __future__ import annotations
 
-import functools
 import json
 import math
-import random
 import statistics
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,16 +40,15 @@ import torch
 import torch.distributed as dist
 import torch.fx as fx
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate
 
-from autopar.cost.clock import ENOUGH_S, Clock, busy, core_share, interquartile_mean, rank_mean
-from autopar.cost.comm import MOVE_KINDS
+from autopar.cost.clock import Clock, HostSpeed, core_share, rank_mean
 from autopar.cost.hardware import get_hardware
 from autopar.cost.pricing import out_bytes, work
-from autopar.cost.profile_db import device_key, fit_alpha_beta, merge, mesh_key, op_signature
+from autopar.cost.profile_db import device_key, merge, op_signature
+from autopar.cost.sweeps import SWEEP_BYTES, SWEEP_BYTES_GPU, profile_collectives, profile_optimizer
 from autopar.errors import AutoparError
 from autopar.passes.layouts import runs_locally
-from autopar.runtime.layout import reshard
 from autopar.runtime.local_mesh import run_gloo
 from autopar.runtime.local_ops import local_call
 from autopar.solver import rules
@@ -59,10 +56,6 @@ from autopar.solver.graph import build, input_grads
 from autopar.solver.rules.base import Strategy, is_tensor_node
 from autopar.solver.specs import local_shape, short
 from autopar.tracer import Traced, trace
-
-#: local bytes per collective call in the sweep (CPU meshes stop lower: gloo is slow)
-SWEEP_BYTES = (1 << 12, 1 << 14, 1 << 16, 1 << 18, 1 << 20, 1 << 22)
-SWEEP_BYTES_GPU = SWEEP_BYTES + (1 << 24, 1 << 26, 1 << 28)
 
 
 @dataclass(frozen=True)
@@ -98,13 +91,6 @@ def node_op_tasks(traced: Traced, mesh_shape: Sequence[int]) -> dict[fx.Node, li
     return out
 
 
-#: a collective is timed over this many times more calls than an op (they are cheap to time)
-COLLECTIVE_CALLS_PER_REPEAT = 2
-#: on a CPU host whose ranks outnumber its cores, each timed collective call comes after this
-#: much CPU time of compute on every rank, as a step's come after its ops: the ranks then
-#: arrive at different moments and find the cores busy, which back-to-back calls never see
-#: (on the 2x2 CPU mesh a small all-gather read 1.4 ms back to back, 2.2-2.8 ms after 2-5 ms)
-COMPUTE_BEFORE_COLLECTIVE_S = 0.002
 #: ops timed together, taking turns: each timed call comes after the other ops' calls, as in a step
 OPS_PER_ROUND = 32
 #: untimed rounds before the timed ones (DTensor's sharding caches and autograd's first-call work)
@@ -174,10 +160,15 @@ def _grad_like(t: torch.Tensor) -> torch.Tensor:
 
 
 def profile_ops(
-    tasks: list[OpTask], mesh: DeviceMesh, repeats: int = 3, progress: Callable[[str], None] | None = None
+    tasks: list[OpTask],
+    mesh: DeviceMesh,
+    repeats: int = 3,
+    progress: Callable[[str], None] | None = None,
+    speed: HostSpeed | None = None,
 ) -> dict[str, dict]:
     """Measure each task on every rank of ``mesh``; ``{signature: entry}`` for the database. A
     task the op cannot run (it raises on every rank alike) is left out: it will be estimated.
+    ``speed`` (if given) is sampled before each batch of ops.
 
     Ops are timed ``OPS_PER_ROUND`` at a time, taking turns: ``WARM_ROUNDS`` untimed rounds,
     then up to ``repeats`` timed ones, forward alone and forward with backward. In a step an op
@@ -189,6 +180,8 @@ def profile_ops(
     measured: list[tuple[OpTask, float, float | None]] = []
     for first in range(0, len(tasks), OPS_PER_ROUND):
         say(f"ops {first}/{len(tasks)}")
+        if speed is not None:
+            speed.sample()
         measured += _time_ops(tasks[first : first + OPS_PER_ROUND], mesh, clock, repeats, call_s)
     flat = [t for _, f, b in measured for t in (f, -1.0 if b is None else b)]
     flat = rank_mean(flat, torch.device(mesh.device_type)) if flat else []
@@ -260,129 +253,21 @@ def _time_ops(
     return out
 
 
-_MOVES = {  # kind -> (from, to) on the measured axis, and whether B is the gathered size
-    "all_reduce": (Partial(), Replicate(), False),
-    "reduce_scatter": (Partial(), Shard(0), False),
-    "all_gather": (Shard(0), Replicate(), True),
-    "all_to_all": (Shard(0), Shard(1), False),
-    "slice": (Replicate(), Shard(0), False),
-    "local": (Replicate(), Partial(), False),
-}
-
-
-def profile_collectives(
-    mesh: DeviceMesh, sizes_bytes: Sequence[int] = SWEEP_BYTES, repeats: int = 3, rounds: int = 5
-) -> dict[str, dict]:
-    """Fit ``alpha + beta * B`` for every kind of layout change (``cost.comm``: the collectives,
-    and the local slice and partial-sum steps, whose cost is the runtime's own) on every mesh
-    axis of size > 1, each timed as the emitted module runs it (``runtime.layout.reshard``).
-    Each case is timed as the mean of the middle half of ``COLLECTIVE_CALLS_PER_REPEAT *
-    repeats`` calls: a step pays the sum of its collectives' times, not their median, and one
-    call's time is spread widely where ranks share cores (on 2 shared cores, from half to
-    twice the mean). The sweep runs ``rounds`` times over all cases and keeps each case's
-    median over rounds. Each round times the cases in its own order (``round_order``), so
-    neither a slow spell of the machine nor the first case after a switch of line lands on the
-    same message size every round: in sweep order the first size of every line, 4 KiB, read
-    on average 5-7% above its fitted line (mean over the 12 lines of a 2x2 CPU mesh),
-    shuffled within 1%. On a CPU host whose ranks outnumber its cores, each call comes after
-    ``COMPUTE_BEFORE_COLLECTIVE_S`` of compute (untimed), as in a step."""
-    per = COLLECTIVE_CALLS_PER_REPEAT
-    clock = Clock(torch.device(mesh.device_type))
-    before = busy(COMPUTE_BEFORE_COLLECTIVE_S) if core_share(mesh) else (lambda: None)
-    cases: list[tuple[str, int, Callable[[], None]]] = []
-    for axis, n in enumerate(mesh.shape):
-        if n <= 1:
-            continue
-        for kind in MOVE_KINDS:
-            src, dst, gathered = _MOVES[kind]
-            for size in sizes_bytes:
-                numel = size // (4 * n) if gathered else size // 4
-                cols = 16 * n  # both dims divisible by n: every move is even
-                n_rows = n * max(1, numel // (cols * n))
-                x = _full_mesh(mesh, axis, src, (n_rows, cols))
-                placements = list(x.placements)
-                placements[axis] = dst
-                nbytes = n_rows * cols * 4 * (n if gathered else 1)
-                cases.append(
-                    (f"{mesh_key(mesh.shape)}/axis{axis}/{kind}", nbytes, _redistribute(x, placements))
-                )
-    timed = functools.partial(
-        clock, repeats=per * repeats, average=interquartile_mean, enough_s=per * ENOUGH_S, before=before
-    )
-    per_round = []
-    for r in range(rounds):
-        times_s = [0.0] * len(cases)
-        for i in round_order(len(cases), r):
-            times_s[i] = timed(cases[i][2])
-        per_round.append(times_s)
-    medians = [statistics.median(r[i] for r in per_round) for i in range(len(cases))]
-    times = rank_mean(medians, torch.device(mesh.device_type))
-    out: dict[str, dict] = {}
-    for (key, nbytes, _), t in zip(cases, times):
-        e = out.setdefault(key, {"sizes_bytes": [], "times_s": []})
-        e["sizes_bytes"].append(nbytes)
-        e["times_s"].append(t)
-    for e in out.values():
-        e["alpha_s"], e["s_per_byte"] = fit_alpha_beta(e["sizes_bytes"], e["times_s"])
-    return out
-
-
-def round_order(n: int, round_index: int) -> list[int]:
-    """The order in which round ``round_index`` of a sweep times its ``n`` cases: a shuffle
-    seeded by the round, so every rank makes the same calls in the same order."""
-    return random.Random(round_index).sample(range(n), n)
-
-
-def _full_mesh(mesh: DeviceMesh, axis: int, placement, local: tuple[int, ...]) -> DTensor:
-    """A DTensor of random local values of shape ``local``, ``placement`` on ``axis``, replicated
-    on the others."""
-    placements = [Replicate()] * mesh.ndim
-    placements[axis] = placement
-    t = torch.randn(local, device=mesh.device_type)
-    return DTensor.from_local(t, mesh, placements, run_check=False)
-
-
-def _redistribute(x: DTensor, placements: list) -> Callable[[], None]:
-    spec = short(tuple(placements))
-
-    def run() -> None:
-        local = reshard(x, spec).to_local()
-        if hasattr(local, "wait"):  # an async collective's result
-            local.wait()
-
-    return run
-
-
-def profile_optimizer(mesh: DeviceMesh, sizes_bytes: Sequence[int] = SWEEP_BYTES, repeats: int = 3) -> dict:
-    """An AdamW step per parameter (DTensor parameters, as the emitted module's) against its bytes."""
-    clock = Clock(torch.device(mesh.device_type), core_share(mesh))
-    per_param, count = [], 8
-    for size in sizes_bytes:
-        params = [torch.nn.Parameter(_full_mesh(mesh, 0, Replicate(), (size // 4,))) for _ in range(count)]
-        for p in params:
-            p.grad = torch.randn_like(p)
-        opt = torch.optim.AdamW(params, lr=1e-4)
-        per_param.append(clock(opt.step, repeats) / count)
-    times = rank_mean(per_param, torch.device(mesh.device_type))
-    alpha, beta = fit_alpha_beta(list(sizes_bytes), times)
-    return {
-        mesh_key(mesh.shape): {
-            "alpha_s": alpha,
-            "s_per_byte": beta,
-            "sizes_bytes": list(sizes_bytes),
-            "times_s": times,
-        }
-    }
+#: a profile during which the host's speed moved more than this (``HostSpeed.spread``) warns
+UNSTEADY_SPREAD = 0.25
 
 
 @dataclass
 class ProfileRun:
-    """What one profiling run measured: the database sections and what it took."""
+    """What one profiling run measured: the database sections, what it took, and how steady
+    the host was (``cost.clock.HostSpeed``: the reference workload's median time and spread)."""
 
     device: str
     sections: dict[str, dict]
     signatures: int
     phases_s: dict[str, float]
+    reference_s: float
+    speed_spread: float
 
     def summary(self) -> dict:
         return {
@@ -392,6 +277,8 @@ class ProfileRun:
             "collectives": len(self.sections["collectives"]),
             "seconds": sum(self.phases_s.values()),
             "phases_s": self.phases_s,
+            "reference_s": self.reference_s,
+            "speed_spread": self.speed_spread,
         }
 
 
@@ -405,17 +292,21 @@ def profile(
     tasks = op_tasks(traced, mesh.shape)
     phases["signatures_s"] = time.perf_counter() - t0
     say(f"ops 0/{len(tasks)}")
-    ops = profile_ops(tasks, mesh, repeats, progress)
+    speed = HostSpeed(torch.device(mesh.device_type))
+    ops = profile_ops(tasks, mesh, repeats, progress, speed)
     phases["ops_s"] = time.perf_counter() - t0 - sum(phases.values())
     say("collectives")
+    speed.sample()
     sweep = SWEEP_BYTES_GPU if mesh.device_type == "cuda" else SWEEP_BYTES
     collectives = profile_collectives(mesh, sweep, repeats)
     phases["collectives_s"] = time.perf_counter() - t0 - sum(phases.values())
     say("optimizer")
+    speed.sample()
     optimizer = profile_optimizer(mesh, SWEEP_BYTES, repeats)
+    speed.sample()
     phases["optimizer_s"] = time.perf_counter() - t0 - sum(phases.values())
     sections = {"ops": ops, "collectives": collectives, "optimizer": optimizer}
-    return ProfileRun(device_key(mesh.device_type), sections, len(tasks), phases)
+    return ProfileRun(device_key(mesh.device_type), sections, len(tasks), phases, *speed.summary())
 
 
 def profile_model(
@@ -440,6 +331,13 @@ def profile_model(
     run.phases_s = {"trace_s": trace_s, **run.phases_s}
     if dist.get_rank() == 0:
         merge(db, run.device, run.sections)
+        if run.speed_spread > UNSTEADY_SPREAD:
+            warnings.warn(
+                f"this host's speed moved by {run.speed_spread:.0%} while profiling (a fixed workload's "
+                "time, 90th percentile over 10th): the measured prices carry noise of that order. "
+                "Profile again when the host is quieter for steadier prices.",
+                stacklevel=2,
+            )
     dist.barrier()
     return run.summary()
 

@@ -28,7 +28,8 @@ from autopar.cost import profiler
 from autopar.cost.clock import core_share, slowest
 from autopar.cost.comm import MOVE_KINDS
 from autopar.cost.profile_db import device_key
-from autopar.cost.profiler import SWEEP_BYTES, op_tasks, profile_model
+from autopar.cost.profiler import op_tasks, profile_model
+from autopar.cost.sweeps import SWEEP_BYTES
 from autopar.models import GPT, GPTConfig
 from autopar.tracer import trace
 from tests.distributed.harness import run_on_mesh
@@ -134,3 +135,8 @@ def test_an_ops_time_is_the_mean_over_the_ranks(results):
     # ranks time 1, 2, 3, 4 s forward and 10, 20, 30, 40 s backward: the slowest would be 4 and 40
     assert list(results["kept"]) == [2.5, 25.0]
     assert results["slowest"] == [3.0]  # what decides how many calls each measurement gets
+
+
+def test_the_profile_reports_how_fast_and_how_steady_the_host_was(results):
+    summary = results["summary"]
+    assert summary["reference_s"] > 0 and summary["speed_spread"] >= 0

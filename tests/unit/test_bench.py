@@ -82,6 +82,7 @@ def test_cli_bench_run_measures_each_plan_on_a_local_mesh(tmp_path, capsys):
     assert main([*args, "--strategies", "dp,auto", "--run", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())
     assert [r["strategy"] for r in rows] == ["dp", "auto"] and all(r["measured_s"] > 0 for r in rows)
+    assert all(r["measured_reference_s"] > 0 for r in rows)  # how fast the host ran while measuring
     assert "measured_ms" in capsys.readouterr().out
     assert (
         main(["bench", "gpt2-124m", "--mesh", "2x2", "--run"]) == 2

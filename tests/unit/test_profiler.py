@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import time
 import types
+import warnings
 
+import pytest
 import torch
+import torch.distributed as dist
 
-from autopar.cost import clock, profiler
+from autopar.cost import clock, profiler, sweeps
 
 
 def test_backward_is_timed_without_making_the_output_gradients(monkeypatch):
@@ -99,10 +102,40 @@ def test_busy_computes_for_the_cpu_time_asked():
 
 def test_each_sweep_round_times_its_cases_in_its_own_order_the_same_on_every_rank():
     n, rounds = 72, 5  # a 2x2 CPU mesh's sweep: 2 axes, 6 kinds, 6 sizes
-    orders = [profiler.round_order(n, r) for r in range(rounds)]
+    orders = [sweeps.round_order(n, r) for r in range(rounds)]
     assert all(sorted(o) == list(range(n)) for o in orders)  # every case once per round
-    assert orders == [profiler.round_order(n, r) for r in range(rounds)]  # each rank computes the same
+    assert orders == [sweeps.round_order(n, r) for r in range(rounds)]  # each rank computes the same
     assert len({tuple(o) for o in orders}) == rounds
     # what comes before a case (in sweep order: the previous line's largest size) changes
     before = [{o[o.index(i) - 1] if o.index(i) else None for o in orders} for i in range(n)]
     assert all(len(b) > 1 for b in before)
+
+
+def test_host_speed_keeps_the_median_and_how_far_the_slow_spells_went(monkeypatch):
+    monkeypatch.setattr(clock, "rank_mean", lambda values, device: values)  # one rank
+    speed = clock.HostSpeed(torch.device("cpu"))
+    speed.samples_s = [0.002] * 10
+    assert speed.summary() == (0.002, 0.0)  # a steady host
+    speed.samples_s = [0.002] * 5 + [0.004] * 5  # half the profile in a spell at half speed
+    assert speed.summary() == (0.003, 1.0)
+    speed.samples_s = []
+    speed.sample()
+    assert speed.samples_s[0] > 0  # the reference workload's CPU time
+
+
+def test_a_profile_taken_while_the_host_speed_moved_warns(monkeypatch, tmp_path):
+    sections = {"ops": {}, "collectives": {}, "optimizer": {}}
+    run = profiler.ProfileRun("cpu x", sections, 0, {}, reference_s=0.002, speed_spread=0.4)
+    monkeypatch.setattr(profiler, "trace", lambda *args: None)
+    monkeypatch.setattr(profiler, "profile", lambda traced, mesh, **kwargs: run)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        with pytest.warns(UserWarning, match="speed moved by 40% while profiling"):
+            summary = profiler.profile_model(torch.nn.Linear(2, 2), {}, None, str(tmp_path / "db.json"))
+        assert summary["speed_spread"] == 0.4 and summary["reference_s"] == 0.002
+        run.speed_spread = profiler.UNSTEADY_SPREAD  # steady enough: no warning
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            profiler.profile_model(torch.nn.Linear(2, 2), {}, None, str(tmp_path / "db.json"))
+    finally:
+        dist.destroy_process_group()

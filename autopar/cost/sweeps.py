@@ -1,0 +1,156 @@
+"""The sweeps of ``autopar profile``: layout changes and the optimizer over message sizes.
+
+- **layout changes**: each step kind (all-reduce, reduce-scatter, all-gather, all-to-all,
+  and the local slice and partial steps) on each mesh axis, through ``runtime.layout.reshard``
+  over a sweep of sizes (each the mean of the middle half of many calls: a step pays every
+  call); a line ``alpha + beta * bytes`` fitted per axis and kind.
+- **optimizer**: an AdamW step over parameters of a sweep of sizes; a line per parameter.
+
+Collectives are timed by the wall clock (their cost is mostly waiting, which takes no CPU
+time), the optimizer like the ops (``cost.clock``).
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+import statistics
+from collections.abc import Callable, Sequence
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+
+from autopar.cost.clock import ENOUGH_S, Clock, busy, core_share, interquartile_mean, rank_mean
+from autopar.cost.comm import MOVE_KINDS
+from autopar.cost.profile_db import fit_alpha_beta, mesh_key
+from autopar.runtime.layout import reshard
+from autopar.solver.specs import short
+
+#: local bytes per collective call in the sweep (CPU meshes stop lower: gloo is slow)
+SWEEP_BYTES = (1 << 12, 1 << 14, 1 << 16, 1 << 18, 1 << 20, 1 << 22)
+SWEEP_BYTES_GPU = SWEEP_BYTES + (1 << 24, 1 << 26, 1 << 28)
+
+
+#: a collective is timed over this many times more calls than an op (they are cheap to time)
+COLLECTIVE_CALLS_PER_REPEAT = 2
+#: on a CPU host whose ranks outnumber its cores, each timed collective call comes after this
+#: much CPU time of compute on every rank, as a step's come after its ops: the ranks then
+#: arrive at different moments and find the cores busy, which back-to-back calls never see
+#: (on the 2x2 CPU mesh a small all-gather read 1.4 ms back to back, 2.2-2.8 ms after 2-5 ms)
+COMPUTE_BEFORE_COLLECTIVE_S = 0.002
+
+
+_MOVES = {  # kind -> (from, to) on the measured axis, and whether B is the gathered size
+    "all_reduce": (Partial(), Replicate(), False),
+    "reduce_scatter": (Partial(), Shard(0), False),
+    "all_gather": (Shard(0), Replicate(), True),
+    "all_to_all": (Shard(0), Shard(1), False),
+    "slice": (Replicate(), Shard(0), False),
+    "local": (Replicate(), Partial(), False),
+}
+
+
+def profile_collectives(
+    mesh: DeviceMesh, sizes_bytes: Sequence[int] = SWEEP_BYTES, repeats: int = 3, rounds: int = 5
+) -> dict[str, dict]:
+    """Fit ``alpha + beta * B`` for every kind of layout change (``cost.comm``: the collectives,
+    and the local slice and partial-sum steps, whose cost is the runtime's own) on every mesh
+    axis of size > 1, each timed as the emitted module runs it (``runtime.layout.reshard``).
+    Each case is timed as the mean of the middle half of ``COLLECTIVE_CALLS_PER_REPEAT *
+    repeats`` calls: a step pays the sum of its collectives' times, not their median, and one
+    call's time is spread widely where ranks share cores (on 2 shared cores, from half to
+    twice the mean). The sweep runs ``rounds`` times over all cases and keeps each case's
+    median over rounds. Each round times the cases in its own order (``round_order``), so
+    neither a slow spell of the machine nor the first case after a switch of line lands on the
+    same message size every round: in sweep order the first size of every line, 4 KiB, read
+    on average 5-7% above its fitted line (mean over the 12 lines of a 2x2 CPU mesh),
+    shuffled within 1%. On a CPU host whose ranks outnumber its cores, each call comes after
+    ``COMPUTE_BEFORE_COLLECTIVE_S`` of compute (untimed), as in a step."""
+    per = COLLECTIVE_CALLS_PER_REPEAT
+    clock = Clock(torch.device(mesh.device_type))
+    before = busy(COMPUTE_BEFORE_COLLECTIVE_S) if core_share(mesh) else (lambda: None)
+    cases: list[tuple[str, int, Callable[[], None]]] = []
+    for axis, n in enumerate(mesh.shape):
+        if n <= 1:
+            continue
+        for kind in MOVE_KINDS:
+            src, dst, gathered = _MOVES[kind]
+            for size in sizes_bytes:
+                numel = size // (4 * n) if gathered else size // 4
+                cols = 16 * n  # both dims divisible by n: every move is even
+                n_rows = n * max(1, numel // (cols * n))
+                x = _full_mesh(mesh, axis, src, (n_rows, cols))
+                placements = list(x.placements)
+                placements[axis] = dst
+                nbytes = n_rows * cols * 4 * (n if gathered else 1)
+                cases.append(
+                    (f"{mesh_key(mesh.shape)}/axis{axis}/{kind}", nbytes, _redistribute(x, placements))
+                )
+    timed = functools.partial(
+        clock, repeats=per * repeats, average=interquartile_mean, enough_s=per * ENOUGH_S, before=before
+    )
+    per_round = []
+    for r in range(rounds):
+        times_s = [0.0] * len(cases)
+        for i in round_order(len(cases), r):
+            times_s[i] = timed(cases[i][2])
+        per_round.append(times_s)
+    medians = [statistics.median(r[i] for r in per_round) for i in range(len(cases))]
+    times = rank_mean(medians, torch.device(mesh.device_type))
+    out: dict[str, dict] = {}
+    for (key, nbytes, _), t in zip(cases, times):
+        e = out.setdefault(key, {"sizes_bytes": [], "times_s": []})
+        e["sizes_bytes"].append(nbytes)
+        e["times_s"].append(t)
+    for e in out.values():
+        e["alpha_s"], e["s_per_byte"] = fit_alpha_beta(e["sizes_bytes"], e["times_s"])
+    return out
+
+
+def round_order(n: int, round_index: int) -> list[int]:
+    """The order in which round ``round_index`` of a sweep times its ``n`` cases: a shuffle
+    seeded by the round, so every rank makes the same calls in the same order."""
+    return random.Random(round_index).sample(range(n), n)
+
+
+def _full_mesh(mesh: DeviceMesh, axis: int, placement, local: tuple[int, ...]) -> DTensor:
+    """A DTensor of random local values of shape ``local``, ``placement`` on ``axis``, replicated
+    on the others."""
+    placements = [Replicate()] * mesh.ndim
+    placements[axis] = placement
+    t = torch.randn(local, device=mesh.device_type)
+    return DTensor.from_local(t, mesh, placements, run_check=False)
+
+
+def _redistribute(x: DTensor, placements: list) -> Callable[[], None]:
+    spec = short(tuple(placements))
+
+    def run() -> None:
+        local = reshard(x, spec).to_local()
+        if hasattr(local, "wait"):  # an async collective's result
+            local.wait()
+
+    return run
+
+
+def profile_optimizer(mesh: DeviceMesh, sizes_bytes: Sequence[int] = SWEEP_BYTES, repeats: int = 3) -> dict:
+    """An AdamW step per parameter (DTensor parameters, as the emitted module's) against its bytes."""
+    clock = Clock(torch.device(mesh.device_type), core_share(mesh))
+    per_param, count = [], 8
+    for size in sizes_bytes:
+        params = [torch.nn.Parameter(_full_mesh(mesh, 0, Replicate(), (size // 4,))) for _ in range(count)]
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt = torch.optim.AdamW(params, lr=1e-4)
+        per_param.append(clock(opt.step, repeats) / count)
+    times = rank_mean(per_param, torch.device(mesh.device_type))
+    alpha, beta = fit_alpha_beta(list(sizes_bytes), times)
+    return {
+        mesh_key(mesh.shape): {
+            "alpha_s": alpha,
+            "s_per_byte": beta,
+            "sizes_bytes": list(sizes_bytes),
+            "times_s": times,
+        }
+    }
