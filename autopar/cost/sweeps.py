@@ -6,8 +6,9 @@
   call); a line ``alpha + beta * bytes`` fitted per axis and kind.
 - **optimizer**: an AdamW step over parameters of a sweep of sizes; a line per parameter.
 
-Collectives are timed by the wall clock (their cost is mostly waiting, which takes no CPU
-time), the optimizer like the ops (``cost.clock``).
+On a CPU, collectives are timed by the wall clock (their cost is mostly waiting, which takes
+no CPU time); on a GPU by CUDA events, like everything else there. The optimizer is timed
+like the ops (``cost.clock``).
 """
 
 from __future__ import annotations
