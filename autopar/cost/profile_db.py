@@ -4,7 +4,7 @@
 file is JSON, keyed first by the *device key* (device name and torch version: another GPU or
 another torch is another key, so a stale entry is never read for the wrong machine)::
 
-    {"format": 4,
+    {"format": 5,
      "devices": {"<device> | torch <version>": {
         "ops": {"<signature>": {"forward_s", "backward_s" (null: no gradient), "flops", "bytes",
                                 "dtype"}},
@@ -46,8 +46,10 @@ from autopar.solver.specs import Spec, local_shape
 
 #: 2: ops run, and are timed, on local shards (format 1 timed most through DTensor's dispatcher);
 #: 3: ops take turns when timed, and on a CPU host with more ranks than cores count CPU time;
-#: 4: each time is the mean over the ranks (format 3 kept the slowest rank's, which over-priced)
-FORMAT = 4
+#: 4: each time is the mean over the ranks (format 3 kept the slowest rank's, which over-priced);
+#: 5: a GPU time is its kernels' time by CUDA events (format 4 read the wall clock around a
+#: synchronize, launch and sync latency included)
+FORMAT = 5
 
 
 class ProfileError(AutoparError):
