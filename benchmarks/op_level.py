@@ -39,7 +39,7 @@ from torch.utils import _pytree as pytree
 
 from autopar.api import make_plan, param_dtype
 from autopar.cli import _model
-from autopar.cost.profiler import node_op_tasks, profile_ops
+from autopar.cost.profiler import node_op_tasks, op_tasks, profile_ops
 from autopar.passes import apply_plan
 from autopar.tracer import trace
 
@@ -79,6 +79,7 @@ def compare(
     model, kwargs = _model(model_name, batch, seq, size, device)
     traced = trace(model, (), kwargs, param_dtype(mixed_precision))
     tasks = node_op_tasks(traced, (1,))
+    distinct = op_tasks(traced, (1,))  # on one device every strategy of a node does the same work
     plan = make_plan(
         model, (), (1,), example_kwargs=kwargs, gpu="cpu" if device == "cpu" else "h100",
         mixed_precision=mixed_precision, kernels="eager",
@@ -88,7 +89,7 @@ def compare(
     measured: dict[str, list[float]] = {}
     for r in range(rounds):
         t0 = time.perf_counter()
-        profiled = profile_ops(_distinct(tasks), mesh)
+        profiled = profile_ops(distinct, mesh)
         profile_s = time.perf_counter() - t0
         in_step = _in_step_s(emitted, kwargs, device, runs)
         for node, node_tasks in tasks.items():
@@ -135,15 +136,6 @@ def compare(
         print(f"{node.name:<28} {str(node.target):<34} {p * 1e6:10.1f} {m * 1e6:12.1f} {p / m - 1:+7.1%}")
 
 
-def _distinct(tasks: dict[fx.Node, list]) -> list:
-    """The profiler's tasks: one per distinct signature (on one device every strategy of a
-    node does the same work; the first stands for them)."""
-    seen: dict[str, object] = {}
-    for node_tasks in tasks.values():
-        seen.setdefault(node_tasks[0].signature, node_tasks[0])
-    return list(seen.values())
-
-
 def _in_step_s(gm: fx.GraphModule, kwargs: dict, device: str, runs: int) -> dict[str, float]:
     """Each call_function node's median time over ``runs`` forwards of ``gm``, timed in place."""
     flat = pytree.tree_leaves(((), kwargs))
@@ -164,6 +156,7 @@ class _Timed(fx.Interpreter):
         super().__init__(gm)
         self.device = device
         self.marks: dict[str, tuple] = {}
+        self._current = ""
 
     def run_node(self, n: fx.Node) -> object:
         self._current = n.name
