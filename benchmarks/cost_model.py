@@ -7,8 +7,8 @@ priced from that profile, and run each plan's training step (forward, backward, 
 prediction, the median measurement, the median of the rounds' errors and each round's error
 (raw, and at the profile's host speed), and whether the three rank the same both ways. Then
 the fitted alpha-beta line of every layout change on each mesh axis against the times it was
-fitted on, and a profile of the 12-layer GPT-2 small (real widths, batch 1, sequence 64):
-its time and how many distinct signatures it measured.
+fitted on and against the earlier rounds' sweeps, and a profile of the 12-layer GPT-2 small
+(real widths, batch 1, sequence 64): its time and how many distinct signatures it measured.
 
 This machine's speed drifts over seconds to minutes (other tenants share its host): the
 CPU time of one fixed workload (``cost.clock.reference_s``) runs 20-35% above or below its
@@ -62,8 +62,9 @@ def main() -> None:
         )
         errors: list[float] = []
         corrected: list[float] = []
+        sweeps: list[dict] = []  # each round's layout-change sweep, as its profile stored it
         for name in a.models.split(","):
-            raw, at_speed = _model_rows(name, db, a.rounds, a.steps)
+            raw, at_speed = _model_rows(name, db, a.rounds, a.steps, sweeps)
             errors += raw
             corrected += at_speed
         for label, errs in (("", errors), (" at the profile's host speed", corrected)):
@@ -71,7 +72,7 @@ def main() -> None:
                 within = sum(abs(e) <= 0.20 for e in errs)
                 mean = statistics.fmean(abs(e) for e in errs)
                 print(f"rows within 20%{label}: {within} of {len(errs)}; mean absolute error {mean:.1%}")
-        _collective_table(db)
+        _collective_table(sweeps)
     if not a.skip_gpt2_small:
         with tempfile.TemporaryDirectory() as tmp:
             s = profile_local(_model, ("gpt2-124m", 1, 64, "real", "cpu"), MESH, f"{tmp}/p.json")
@@ -82,7 +83,9 @@ def main() -> None:
         )
 
 
-def _model_rows(name: str, db: str, rounds: int, steps: int) -> tuple[list[float], list[float]]:
+def _model_rows(
+    name: str, db: str, rounds: int, steps: int, sweeps: list[dict]
+) -> tuple[list[float], list[float]]:
     """Profile, plan and measure ``name`` ``rounds`` times; print a row per strategy and return
     the medians of the rounds' errors, raw and at the profile's host speed. Each round
     measures its plans right after their profile, so the two meet the machine in much the
@@ -92,6 +95,7 @@ def _model_rows(name: str, db: str, rounds: int, steps: int) -> tuple[list[float
     per_round, summaries = [], []
     for _ in range(rounds):
         summaries.append(profile_local(_model, args, MESH, db))
+        sweeps.append(next(iter(json.loads(Path(db).read_text())["devices"].values()))["collectives"])
         rows = bench.compare(model, kwargs, MESH, STRATEGIES, gpu="cpu", profile=db)
         bench.measure(rows, _model, args, steps=steps)
         per_round.append(rows)
@@ -144,17 +148,24 @@ def _ranking(rows: list, key: str) -> list[str]:
     return [r.strategy for r in sorted(rows, key=lambda r: getattr(r, key))]
 
 
-def _collective_table(db: str) -> None:
-    entry = next(iter(json.loads(Path(db).read_text())["devices"].values()))
+def _collective_table(sweeps: list[dict]) -> None:
+    """The last sweep's fitted lines against the times they were fitted on, then against every
+    earlier sweep's times (other launches, seconds to minutes apart): how far a fitted price
+    is from a collective measured at another moment."""
+    if not sweeps:
+        return
+    last, others = sweeps[-1], sweeps[:-1]
     print("\nlayout changes: fitted alpha + beta * bytes against the measured sweep (median per size)")
     print(f"{'axis/kind':<22} {'alpha_ms':>9} {'GB/s':>7}  error per size (4 KiB .. 4 MiB)")
-    worst_errors = []
-    for key, fit in sorted(entry["collectives"].items()):
+    worst_errors, other_worst = [], []
+    for key, fit in sorted(last.items()):
         alpha, beta = fit["alpha_s"], fit["s_per_byte"]
-        errs = [(alpha + beta * x) / t - 1 for x, t in zip(fit["sizes_bytes"], fit["times_s"])]
+        errs = _errors(alpha, beta, fit)
         bw = f"{1 / beta / 1e9:7.2f}" if beta > 0 else "    inf"
         worst = max(abs(e) for e in errs)
         worst_errors.append(worst)
+        for other in others:
+            other_worst.append(max(abs(e) for e in _errors(alpha, beta, other[key])))
         print(
             f"{key.split('/', 1)[1]:<22} {alpha * 1e3:9.3f} {bw}  "
             + " ".join(f"{e:+5.0%}" for e in errs)
@@ -162,6 +173,16 @@ def _collective_table(db: str) -> None:
         )
     within = sum(w <= 0.15 for w in worst_errors)
     print(f"lines within 15% at every size: {within} of {len(worst_errors)}")
+    if others:
+        per_sweep = sum(w <= 0.15 for w in other_worst) / len(others)
+        print(
+            f"against the {len(others)} earlier sweeps: {per_sweep:.1f} of {len(worst_errors)} lines "
+            f"within 15% at every size on average (median worst error {statistics.median(other_worst):.0%})"
+        )
+
+
+def _errors(alpha: float, beta: float, sweep: dict) -> list[float]:
+    return [(alpha + beta * x) / t - 1 for x, t in zip(sweep["sizes_bytes"], sweep["times_s"])]
 
 
 if __name__ == "__main__":
