@@ -8,7 +8,7 @@ has its own), and the mean over the ranks is kept (``cost.clock``):
   some node needs, once: DTensor inputs of random values in the strategy's input layouts,
   called the way the emitted module calls the op (on local shards, or through DTensor for
   ``rules.DISPATCHED``), forward alone and forward with backward; ``OPS_PER_ROUND`` ops take
-  turns (as in a step, each call comes after other ops'), untimed rounds first, then the
+  turns (as in a step, each call comes after other ops'), an untimed round first, then the
   median of up to ``repeats`` timed ones; a backward less the fixed cost of its own
   ``torch.autograd.grad`` call, which a step pays once. Identical repeated blocks have
   identical signatures, so depth adds nothing.
@@ -93,8 +93,26 @@ def node_op_tasks(traced: Traced, mesh_shape: Sequence[int]) -> dict[fx.Node, li
 
 #: ops timed together, taking turns: each timed call comes after the other ops' calls, as in a step
 OPS_PER_ROUND = 32
-#: untimed rounds before the timed ones (DTensor's sharding caches and autograd's first-call work)
-WARM_ROUNDS = 2
+#: untimed rounds before the timed ones (DTensor's sharding caches and autograd's first-call
+#: work). One is enough: over LLaMA tiny's 645 signatures on the 2x2 CPU mesh, prices after one
+#: and after two read the same within noise (per-op median ratio 0.995 forward, 1.05 backward;
+#: summed forward and backward within 1%), and the profile took 15% less time
+WARM_ROUNDS = 1
+
+
+#: random values are drawn for at most this many elements of an input; a larger one repeats
+#: them (drawing normal values for GPT-2's vocabulary-sized tables took a quarter of its
+#: profile on the CPU mesh, longer than timing the ops that read them)
+RANDOM_NUMEL = 1 << 20
+
+
+def _random(shape: Sequence[int], dtype: torch.dtype, device: str | torch.device) -> torch.Tensor:
+    """A contiguous tensor of normal values (repeating after ``RANDOM_NUMEL`` elements)."""
+    numel = math.prod(shape)
+    if numel <= RANDOM_NUMEL:
+        return torch.randn(shape, dtype=dtype, device=device)
+    draw = torch.randn(RANDOM_NUMEL, dtype=dtype, device=device)
+    return draw.repeat(-(-numel // RANDOM_NUMEL))[:numel].view(shape)
 
 
 def _input(v: torch.Tensor, spec, grad: bool, mesh: DeviceMesh) -> DTensor:
@@ -103,7 +121,7 @@ def _input(v: torch.Tensor, spec, grad: bool, mesh: DeviceMesh) -> DTensor:
     gradient into the local tensor's layout that the op itself would not do."""
     shape = local_shape(v.shape, spec, mesh.shape)
     if v.is_floating_point():
-        local = torch.randn(shape, dtype=v.dtype, device=mesh.device_type)
+        local = _random(shape, v.dtype, mesh.device_type)
     elif v.dtype == torch.bool:
         local = torch.ones(shape, dtype=v.dtype, device=mesh.device_type)
     else:  # indices: 0 is valid for every table and class count
@@ -153,10 +171,11 @@ def _with_backward(call: Callable[[], object], leaves: list[DTensor]) -> Callabl
 
 def _grad_like(t: torch.Tensor) -> torch.Tensor:
     if not isinstance(t, DTensor):
-        return torch.randn_like(t)
+        return _random(t.shape, t.dtype, t.device)
     placements = [Replicate() if p.is_partial() else p for p in t.placements]
-    local = torch.randn(local_shape(t.shape, tuple(placements), t.device_mesh.shape), dtype=t.dtype)
-    return DTensor.from_local(local.to(t.to_local().device), t.device_mesh, placements, run_check=False)
+    shape = local_shape(t.shape, tuple(placements), t.device_mesh.shape)
+    local = _random(shape, t.dtype, t.to_local().device)
+    return DTensor.from_local(local, t.device_mesh, placements, run_check=False)
 
 
 def profile_ops(

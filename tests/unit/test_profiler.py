@@ -139,3 +139,14 @@ def test_a_profile_taken_while_the_host_speed_moved_warns(monkeypatch, tmp_path)
             profiler.profile_model(torch.nn.Linear(2, 2), {}, None, str(tmp_path / "db.json"))
     finally:
         dist.destroy_process_group()
+
+
+def test_large_random_inputs_repeat_a_smaller_draw(monkeypatch):
+    monkeypatch.setattr(profiler, "RANDOM_NUMEL", 8)
+    small = profiler._random((2, 4), torch.bfloat16, "cpu")
+    assert small.shape == (2, 4) and small.dtype == torch.bfloat16
+    big = profiler._random((5, 7), torch.float32, "cpu")
+    assert big.shape == (5, 7) and big.is_contiguous() and big.dtype == torch.float32
+    flat = big.flatten()
+    assert torch.equal(flat[8:16], flat[:8]) and torch.equal(flat[32:], flat[:3])
+    assert flat[:8].unique().numel() == 8  # normal draws, not a constant fill
