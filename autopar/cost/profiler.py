@@ -96,13 +96,14 @@ OPS_PER_ROUND = 32
 #: untimed rounds before the timed ones (DTensor's sharding caches and autograd's first-call
 #: work). One is enough: over LLaMA tiny's 645 signatures on the 2x2 CPU mesh, prices after one
 #: and after two read the same within noise (per-op median ratio 0.995 forward, 1.05 backward;
-#: summed forward and backward within 1%), and the profile took 15% less time
+#: forward plus backward, summed over the ops, within 1%), and the profile took 15% less time
 WARM_ROUNDS = 1
 
 
 #: random values are drawn for at most this many elements of an input; a larger one repeats
-#: them (drawing normal values for GPT-2's vocabulary-sized tables took a quarter of its
-#: profile on the CPU mesh, longer than timing the ops that read them)
+#: them (making GPT-2 small's inputs, mostly drawing normal values for its vocabulary-sized
+#: tables, took a quarter of its ops phase on the CPU mesh, longer than timing the ops that
+#: read them)
 RANDOM_NUMEL = 1 << 20
 
 
