@@ -73,13 +73,29 @@ class Clock:
     ) -> float:
         """A warm-up call, then the ``average`` of up to ``repeats`` calls of ``fn``; each call
         after one of ``before``, untimed."""
+        return average(self.times(fn, repeats, enough_s, before))
+
+    def times(
+        self,
+        fn: Callable[[], object],
+        repeats: int,
+        enough_s: float = ENOUGH_S,
+        before: Callable[[], object] = lambda: None,
+    ) -> list[float]:
+        """The seconds of each timed call of ``fn`` (see ``__call__``)."""
         before()
         (calls,) = self.calls([self.elapsed(fn)], repeats, enough_s)
+        return self.repeat(fn, calls, before)
+
+    def repeat(
+        self, fn: Callable[[], object], calls: int, before: Callable[[], object] = lambda: None
+    ) -> list[float]:
+        """The seconds of each of ``calls`` calls of ``fn``, each after an untimed ``before``."""
         times = []
         for _ in range(calls):
             before()
             times.append(self.elapsed(fn))
-        return average(times)
+        return times
 
 
 def _cuda_elapsed(fn: Callable[[], object]) -> float:

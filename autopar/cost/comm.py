@@ -40,6 +40,8 @@ class CommStep:
 
 #: the steps of a layout change (the table above)
 MOVE_KINDS = ("all_reduce", "reduce_scatter", "all_gather", "all_to_all", "slice", "local")
+#: the steps that move no data between devices: each device computes alone
+LOCAL_KINDS = ("slice", "local")
 
 
 def collective_time_s(kind: str, nbytes: float, n: int, link: Link) -> float:
@@ -50,7 +52,7 @@ def collective_time_s(kind: str, nbytes: float, n: int, link: Link) -> float:
     for k, alpha_s, s_per_byte in link.fitted:
         if k == kind:
             return alpha_s + s_per_byte * nbytes
-    if kind in ("slice", "local"):
+    if kind in LOCAL_KINDS:
         return 0.0
     frac = (n - 1) / n
     if kind == "all_reduce":
@@ -60,7 +62,7 @@ def collective_time_s(kind: str, nbytes: float, n: int, link: Link) -> float:
 
 def sent_bytes(kind: str, nbytes: float, n: int) -> float:
     """Bytes each device sends for one collective of ``nbytes`` on an axis of ``n`` (ring)."""
-    if n <= 1 or kind in ("slice", "local"):
+    if n <= 1 or kind in LOCAL_KINDS:
         return 0.0
     return (2 if kind == "all_reduce" else 1) * (n - 1) / n * nbytes
 

@@ -48,8 +48,10 @@ from autopar.solver.specs import Spec, local_shape
 #: 3: ops take turns when timed, and on a CPU host with more ranks than cores count CPU time;
 #: 4: each time is the mean over the ranks (format 3 kept the slowest rank's, which over-priced);
 #: 5: a GPU time is its kernels' time by CUDA events (format 4 read the wall clock around a
-#: synchronize, launch and sync latency included)
-FORMAT = 5
+#: synchronize, launch and sync latency included);
+#: 6: on a CPU host with more ranks than cores, the local layout steps count CPU time as the
+#: ops do (format 5 read their wall time, mostly of calls no other rank interrupted)
+FORMAT = 6
 
 
 class ProfileError(AutoparError):

@@ -7,15 +7,13 @@
 - **optimizer**: an AdamW step over parameters of a sweep of sizes; a line per parameter.
 
 On a CPU, collectives are timed by the wall clock (their cost is mostly waiting, which takes
-no CPU time); on a GPU by CUDA events, like everything else there. The optimizer is timed
-like the ops (``cost.clock``).
+no CPU time); on a GPU by CUDA events, like everything else there. The local steps and the
+optimizer are timed like the ops (``cost.clock``).
 """
 
 from __future__ import annotations
 
-import functools
 import random
-import statistics
 from collections.abc import Callable, Sequence
 
 import torch
@@ -23,7 +21,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
 from autopar.cost.clock import ENOUGH_S, Clock, busy, core_share, interquartile_mean, rank_mean
-from autopar.cost.comm import MOVE_KINDS
+from autopar.cost.comm import LOCAL_KINDS, MOVE_KINDS
 from autopar.cost.profile_db import fit_alpha_beta, mesh_key
 from autopar.runtime.layout import reshard
 from autopar.solver.specs import short
@@ -58,20 +56,34 @@ def profile_collectives(
     """Fit ``alpha + beta * B`` for every kind of layout change (``cost.comm``: the collectives,
     and the local slice and partial-sum steps, whose cost is the runtime's own) on every mesh
     axis of size > 1, each timed as the emitted module runs it (``runtime.layout.reshard``).
-    Each case is timed as the mean of the middle half of ``COLLECTIVE_CALLS_PER_REPEAT *
-    repeats`` calls: a step pays the sum of its collectives' times, not their median, and one
-    call's time is spread widely where ranks share cores (on 2 shared cores, from half to
-    twice the mean). The sweep runs ``rounds`` times over all cases and keeps each case's
-    median over rounds. Each round times the cases in its own order (``round_order``), so
-    neither a slow spell of the machine nor the first case after a switch of line lands on the
-    same message size every round: in sweep order the first size of every line, 4 KiB, read
-    on average 5-7% above its fitted line (mean over the 12 lines of a 2x2 CPU mesh),
-    shuffled within 1%. On a CPU host whose ranks outnumber its cores, each call comes after
-    ``COMPUTE_BEFORE_COLLECTIVE_S`` of compute (untimed), as in a step."""
+
+    The sweep runs ``rounds`` times over all cases, each time up to
+    ``COLLECTIVE_CALLS_PER_REPEAT * repeats`` calls per case, as many as the first round's
+    warm-up call allows. (A warm-up call in every round took a fifth of the sweep and priced
+    the same: the median point within 1%, while two sweeps alike differed by 5%.) A case's
+    time is the mean of the middle half of all its calls. A mean, because a step pays the sum
+    of its collectives' times, not their median; of the middle half, because one call's time
+    is spread widely where ranks share cores (on 2 shared cores, from half to twice the mean);
+    of all rounds' calls at once, not a median of each round's: on the 2x2 CPU mesh, in two
+    runs, lines fitted from 5 rounds of 6 calls came within 15% of a 10-round reference at
+    every size for 11.1 and 8.0 of the 12 lines on average that way, 10.2 and 7.3 the other.
+    Each round times the cases in its own order (``round_order``), so neither a slow spell of
+    the machine nor the first case after a switch of line lands on the same message size
+    every round: in sweep order the first size of every line, 4 KiB, read on average 5-7%
+    above its fitted line, shuffled within 1%.
+
+    On a CPU host whose ranks outnumber its cores, each call comes after
+    ``COMPUTE_BEFORE_COLLECTIVE_S`` of compute (untimed), as in a step; and the local steps
+    are timed as the ops are (``cost.clock``: CPU time over the core share), for they wait on
+    no other rank. By the wall clock such a step either ran uninterrupted or waited out other
+    ranks' turns: on the 2x2 CPU mesh its mean was 1.27-1.30x the mean of its middle half, its
+    90th percentile 2.3-2.8x."""
     per = COLLECTIVE_CALLS_PER_REPEAT
-    clock = Clock(torch.device(mesh.device_type))
-    before = busy(COMPUTE_BEFORE_COLLECTIVE_S) if core_share(mesh) else (lambda: None)
-    cases: list[tuple[str, int, Callable[[], None]]] = []
+    device = torch.device(mesh.device_type)
+    share = core_share(mesh)
+    wall, cpu = Clock(device), Clock(device, share)
+    before = busy(COMPUTE_BEFORE_COLLECTIVE_S) if share else (lambda: None)
+    cases: list[tuple[str, int, Clock, Callable[[], None]]] = []
     for axis, n in enumerate(mesh.shape):
         if n <= 1:
             continue
@@ -85,22 +97,22 @@ def profile_collectives(
                 placements = list(x.placements)
                 placements[axis] = dst
                 nbytes = n_rows * cols * 4 * (n if gathered else 1)
-                cases.append(
-                    (f"{mesh_key(mesh.shape)}/axis{axis}/{kind}", nbytes, _redistribute(x, placements))
-                )
-    timed = functools.partial(
-        clock, repeats=per * repeats, average=interquartile_mean, enough_s=per * ENOUGH_S, before=before
-    )
-    per_round = []
+                key = f"{mesh_key(mesh.shape)}/axis{axis}/{kind}"
+                clock = cpu if kind in LOCAL_KINDS else wall
+                cases.append((key, nbytes, clock, _redistribute(x, placements)))
+    calls_s: list[list[float]] = [[] for _ in cases]
+    calls = [0] * len(cases)
     for r in range(rounds):
-        times_s = [0.0] * len(cases)
         for i in round_order(len(cases), r):
-            times_s[i] = timed(cases[i][2])
-        per_round.append(times_s)
-    medians = [statistics.median(r[i] for r in per_round) for i in range(len(cases))]
-    times = rank_mean(medians, torch.device(mesh.device_type))
+            _, _, clock, run = cases[i]
+            if r == 0:  # after a warm-up call; the ranks agree on the number of calls
+                calls_s[i] = clock.times(run, per * repeats, enough_s=per * ENOUGH_S, before=before)
+                calls[i] = len(calls_s[i])
+            else:
+                calls_s[i] += clock.repeat(run, calls[i], before)
+    times = rank_mean([interquartile_mean(c) for c in calls_s], device)
     out: dict[str, dict] = {}
-    for (key, nbytes, _), t in zip(cases, times):
+    for (key, nbytes, _, _), t in zip(cases, times):
         e = out.setdefault(key, {"sizes_bytes": [], "times_s": []})
         e["sizes_bytes"].append(nbytes)
         e["times_s"].append(t)

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from autopar.cost import clock, profiler, sweeps
+from autopar.cost import clock, comm, profiler, sweeps
 
 
 def test_backward_is_timed_without_making_the_output_gradients(monkeypatch):
@@ -150,3 +150,35 @@ def test_large_random_inputs_repeat_a_smaller_draw(monkeypatch):
     flat = big.flatten()
     assert torch.equal(flat[8:16], flat[:8]) and torch.equal(flat[32:], flat[:3])
     assert flat[:8].unique().numel() == 8  # normal draws, not a constant fill
+
+
+def test_the_sweep_times_local_steps_by_the_op_clock_and_pools_every_rounds_calls(monkeypatch):
+    # one 2-rank axis on a host with fewer cores than ranks; each call of a case reads a
+    # different time, on the ops' clock (CPU time over the core share) or the wall clock
+    timed: dict[str, list[tuple[str, float]]] = {}
+
+    class FakeClock(clock.Clock):
+        def elapsed(self, fn):
+            calls = timed.setdefault(fn(), [])
+            calls.append(("ops" if self.scale != 1.0 else "wall", 1e-3 * (1 + len(calls) * 7 % 5)))
+            return calls[-1][1]
+
+    mesh = types.SimpleNamespace(shape=(2,), device_type="cpu")
+    monkeypatch.setattr(sweeps, "Clock", FakeClock)
+    monkeypatch.setattr(sweeps, "core_share", lambda mesh: 0.5)
+    monkeypatch.setattr(sweeps, "busy", lambda cpu_s: lambda: None)
+    monkeypatch.setattr(sweeps, "rank_mean", lambda values, device: values)
+    monkeypatch.setattr(clock, "slowest", lambda values, device: values)
+    monkeypatch.setattr(
+        sweeps, "_full_mesh", lambda mesh, axis, p, local: types.SimpleNamespace(placements=[p])
+    )
+    kind_of = {(str(src), str(dst)): kind for kind, (src, dst, _) in sweeps._MOVES.items()}
+    monkeypatch.setattr(
+        sweeps, "_redistribute", lambda x, to: lambda: kind_of[(str(x.placements[0]), str(to[0]))]
+    )
+    out = sweeps.profile_collectives(mesh, sizes_bytes=[4096], repeats=2, rounds=3)
+    assert {k for k, calls in timed.items() if calls[0][0] == "ops"} == set(comm.LOCAL_KINDS)
+    for kind, ((_, warm_s), *calls) in timed.items():
+        per_round = min(2 * sweeps.COLLECTIVE_CALLS_PER_REPEAT, int(2 * clock.ENOUGH_S / warm_s))
+        assert len(calls) == 3 * per_round  # no warm-up call after the first round's
+        assert out[f"2/axis0/{kind}"]["times_s"] == [clock.interquartile_mean([t for _, t in calls])]
