@@ -155,7 +155,10 @@ def _collective_table(sweeps: list[dict]) -> None:
     if not sweeps:
         return
     last, others = sweeps[-1], sweeps[:-1]
-    print("\nlayout changes: fitted alpha + beta * bytes against the measured sweep (median per size)")
+    print(
+        "\nlayout changes: fitted alpha + beta * bytes against the measured sweep "
+        "(each size: the mean of the middle half of its calls)"
+    )
     print(f"{'axis/kind':<22} {'alpha_ms':>9} {'GB/s':>7}  error per size (4 KiB .. 4 MiB)")
     worst_errors, other_worst = [], []
     for key, fit in sorted(last.items()):
