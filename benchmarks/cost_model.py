@@ -7,7 +7,8 @@ priced from that profile, and run each plan's training step (forward, backward, 
 prediction, the median measurement, the median of the rounds' errors and each round's error
 (raw, and at the profile's host speed), and whether the three rank the same both ways. Then
 the fitted alpha-beta line of every layout change on each mesh axis against the times it was
-fitted on and against the earlier rounds' sweeps, and a profile of the 12-layer GPT-2 small
+fitted on and against the earlier rounds' sweeps, how many lines of every round's sweep fit
+their own times, and a profile of the 12-layer GPT-2 small
 (real widths, batch 1, sequence 64): its time and how many distinct signatures it measured.
 
 This machine's speed drifts over seconds to minutes (other tenants share its host): the
@@ -149,8 +150,9 @@ def _ranking(rows: list, key: str) -> list[str]:
 
 
 def _collective_table(sweeps: list[dict]) -> None:
-    """The last sweep's fitted lines against the times they were fitted on, then against every
-    earlier sweep's times (other launches, seconds to minutes apart): how far a fitted price
+    """The last sweep's fitted lines against the times they were fitted on, how many lines of
+    each sweep fit their own times, then the last sweep's lines against every earlier sweep's
+    times (other launches, seconds to minutes apart): how far a fitted price
     is from a collective measured at another moment."""
     if not sweeps:
         return
@@ -176,12 +178,22 @@ def _collective_table(sweeps: list[dict]) -> None:
         )
     within = sum(w <= 0.15 for w in worst_errors)
     print(f"lines within 15% at every size: {within} of {len(worst_errors)}")
+    own = [sum(_worst(fit) <= 0.15 for fit in sweep.values()) for sweep in sweeps]
+    print(
+        f"each of the {len(sweeps)} sweeps' lines against their own times: "
+        + " ".join(map(str, own))
+        + f" of {len(worst_errors)} within 15% at every size (mean {statistics.fmean(own):.1f})"
+    )
     if others:
         per_sweep = sum(w <= 0.15 for w in other_worst) / len(others)
         print(
             f"against the {len(others)} earlier sweeps: {per_sweep:.1f} of {len(worst_errors)} lines "
             f"within 15% at every size on average (median worst error {statistics.median(other_worst):.0%})"
         )
+
+
+def _worst(fit: dict) -> float:
+    return max(abs(e) for e in _errors(fit["alpha_s"], fit["s_per_byte"], fit))
 
 
 def _errors(alpha: float, beta: float, sweep: dict) -> list[float]:
