@@ -23,10 +23,13 @@ import socket
 import statistics
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
+
+T = TypeVar("T")
 
 #: a measurement's calls stop at this much time (after one): a slow op needs fewer repeats
 ENOUGH_S = 0.025
@@ -52,10 +55,21 @@ class Clock:
 
     def elapsed(self, fn: Callable[[], object]) -> float:
         if self.device.type == "cuda":
-            return _cuda_elapsed(fn)
+            return _cuda_phases(fn)[0]
         t0 = self.now()
         fn()
         return (self.now() - t0) * self.scale
+
+    def phases(self, first: Callable[[], T], then: Callable[[T], object]) -> tuple[float, float]:
+        """Seconds of ``first()`` and of ``then`` called on its result right after, in one go
+        (an op's forward and its backward, as a step runs them)."""
+        if self.device.type == "cuda":
+            return _cuda_phases(first, then)
+        t0 = self.now()
+        out = first()
+        t1 = self.now()
+        then(out)
+        return (t1 - t0) * self.scale, (self.now() - t1) * self.scale
 
     def calls(self, warm_s: list[float], repeats: int, enough_s: float = ENOUGH_S) -> list[int]:
         """How many timed calls each measurement gets: as many as fit in ``enough_s`` by the
@@ -98,15 +112,17 @@ class Clock:
         return times
 
 
-def _cuda_elapsed(fn: Callable[[], object]) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+def _cuda_phases(first: Callable[[], T], then: Callable[[T], object] = lambda _: None) -> tuple[float, float]:
+    start, mid, end = (torch.cuda.Event(enable_timing=True) for _ in range(3))
     torch.cuda.synchronize()
     torch.cuda._sleep(GPU_COVER_CYCLES)
     start.record()
-    fn()
+    out = first()
+    mid.record()
+    then(out)
     end.record()
     end.synchronize()
-    return start.elapsed_time(end) / 1e3
+    return start.elapsed_time(mid) / 1e3, mid.elapsed_time(end) / 1e3
 
 
 def reference_s(device: torch.device) -> float:
@@ -115,7 +131,7 @@ def reference_s(device: torch.device) -> float:
     CI machine); on a GPU a bf16 matrix product's time by CUDA events."""
     if device.type == "cuda":
         a = torch.ones(4096, 4096, device=device, dtype=torch.bfloat16)
-        return _cuda_elapsed(lambda: a @ a)
+        return _cuda_phases(lambda: a @ a)[0]
     a, v = torch.ones(128, 128), torch.ones(1000)
     t0 = time.thread_time()
     for _ in range(10):

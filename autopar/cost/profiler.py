@@ -7,7 +7,7 @@ has its own), and the mean over the ranks is kept (``cost.clock``):
 - **ops**: every distinct signature (``cost.profile_db.op_signature``) that some strategy of
   some node needs, once: DTensor inputs of random values in the strategy's input layouts,
   called the way the emitted module calls the op (on local shards, or through DTensor for
-  ``rules.DISPATCHED``), forward alone and forward with backward; ``OPS_PER_ROUND`` ops take
+  ``rules.DISPATCHED``), its forward and backward timed apart in one call; ``OPS_PER_ROUND`` ops take
   turns (as in a step, each call comes after other ops'), an untimed round first, then the
   median of up to ``repeats`` timed ones; a backward less the fixed cost of its own
   ``torch.autograd.grad`` call, which a step pays once. Identical repeated blocks have
@@ -152,15 +152,14 @@ def _op_call(task: OpTask, mesh: DeviceMesh) -> tuple[Callable[[], object], list
     return (lambda: node.target(*args, **kwargs)), leaves
 
 
-def _with_backward(call: Callable[[], object], leaves: list[DTensor]) -> Callable[[], object]:
-    """Forward and backward to the inputs' gradients, returned as the op's backward makes
-    them (nothing accumulated into the inputs, which could redistribute). The output
+def _backward(leaves: list[DTensor]) -> Callable[[object], None]:
+    """The backward of an op's output to the inputs' gradients, returned as the op's backward
+    makes them (nothing accumulated into the inputs, which could redistribute). The output
     gradients are made by the first call (the warm-up) and reused: making them costs more
     than the backward of a small op, and in a training step the op before makes them."""
     grads: list[torch.Tensor] = []
 
-    def run() -> None:
-        out = call()
+    def run(out: object) -> None:
         outs = [out] if isinstance(out, torch.Tensor) else [t for t in out if isinstance(t, torch.Tensor)]
         outs = [t for t in outs if t.requires_grad]
         if not grads:
@@ -191,9 +190,10 @@ def profile_ops(
     ``speed`` (if given) is sampled before each batch of ops.
 
     Ops are timed ``OPS_PER_ROUND`` at a time, taking turns: ``WARM_ROUNDS`` untimed rounds,
-    then up to ``repeats`` timed ones, forward alone and forward with backward. In a step an op
-    runs after other ops, its code and data gone from the caches; one op called again and
-    again in a loop keeps them there and reads low."""
+    then up to ``repeats`` timed ones, each a forward and its backward in one call, timed
+    apart (``Clock.phases``), as a step runs them. In a step an op runs after other ops, its
+    code and data gone from the caches; one op called again and again in a loop keeps them
+    there and reads low."""
     clock = Clock(torch.device(mesh.device_type), core_share(mesh))
     say = progress or (lambda phase: None)
     call_s = _backward_call_s(clock)
@@ -226,14 +226,10 @@ def _backward_call_s(clock: Clock, calls: int = 51) -> float:
     backward is timed as a call of its own, but a step makes one call for all its ops, so this
     is taken off each op's backward."""
     x = torch.zeros(1, device=clock.device, requires_grad=True)
-
-    def forward() -> torch.Tensor:
-        return x.clone()
-
-    both = _with_backward(forward, [x])  # the harness every op's backward is timed through
-    both()
+    backward = _backward([x])  # the harness every op's backward is timed through
+    backward(x.clone())
     (call_s,) = rank_mean(
-        [statistics.median(clock.elapsed(both) - clock.elapsed(forward) for _ in range(calls))], clock.device
+        [statistics.median(clock.phases(x.clone, backward)[1] for _ in range(calls))], clock.device
     )
     return max(call_s, 0.0)
 
@@ -252,25 +248,32 @@ def _time_ops(
         timer = wall if inner and inner(task.node, task.strategy, mesh.shape) else clock
         try:
             call, leaves = _op_call(task, mesh)
-            full = _with_backward(call, leaves) if task.requires_grad and leaves else None
-            warm = [timer.elapsed(full or call) for _ in range(WARM_ROUNDS)]
+            backward = _backward(leaves) if task.requires_grad and leaves else None
+            warm = [sum(_timed(timer, call, backward)) for _ in range(WARM_ROUNDS)]
         except Exception:  # noqa: BLE001 - an op DTensor cannot run here stays estimated
             continue
-        runs.append((task, timer, call, full, warm[-1]))
+        runs.append((task, timer, call, backward, warm[-1]))
     calls = clock.calls([w for *_, w in runs], repeats)
-    fwd: list[list[float]] = [[] for _ in runs]
-    both: list[list[float]] = [[] for _ in runs]
+    times: list[list[tuple[float, float]]] = [[] for _ in runs]
     for r in range(max(calls, default=0)):
-        for k, (_, timer, call, full, _) in enumerate(runs):
+        for k, (_, timer, call, backward, _) in enumerate(runs):
             if r < calls[k]:
-                fwd[k].append(timer.elapsed(call))
-                if full is not None:
-                    both[k].append(timer.elapsed(full))
+                times[k].append(_timed(timer, call, backward))
     out = []
-    for k, (task, _, _, full, _) in enumerate(runs):
-        f = statistics.median(fwd[k])
-        out.append((task, f, None if full is None else max(statistics.median(both[k]) - f - call_s, 0.0)))
+    for k, (task, _, _, backward, _) in enumerate(runs):
+        f = statistics.median(t for t, _ in times[k])
+        b = None if backward is None else max(statistics.median(t for _, t in times[k]) - call_s, 0.0)
+        out.append((task, f, b))
     return out
+
+
+def _timed(
+    clock: Clock, call: Callable[[], object], backward: Callable[[object], None] | None
+) -> tuple[float, float]:
+    """Seconds of one forward, and of its backward (0 without one), in one call."""
+    if backward is None:
+        return clock.elapsed(call), 0.0
+    return clock.phases(call, backward)
 
 
 #: a profile during which the host's speed moved more than this (``HostSpeed.spread``) warns

@@ -18,9 +18,9 @@ def test_backward_is_timed_without_making_the_output_gradients(monkeypatch):
     real = profiler._grad_like
     monkeypatch.setattr(profiler, "_grad_like", lambda t: made.append(t.shape) or real(t))
     x = torch.randn(4, 8, requires_grad=True)
-    run = profiler._with_backward(lambda: (x * 2).sum(dim=0), [x])
+    backward = profiler._backward([x])
     for _ in range(5):  # the warm-up call and the timed ones
-        run()
+        backward((x * 2).sum(dim=0))
     assert made == [torch.Size([8])]  # made once, by the first call
 
 
@@ -40,14 +40,13 @@ def test_ops_take_turns_and_an_op_that_cannot_run_is_left_out(monkeypatch):
         return (lambda: calls.append(task)), ["leaf"]
 
     monkeypatch.setattr(profiler, "_op_call", op_call)
-    backward = lambda call, leaves: lambda: (call(), calls.append("bwd"))  # noqa: E731
-    monkeypatch.setattr(profiler, "_with_backward", backward)
+    monkeypatch.setattr(profiler, "_backward", lambda leaves: lambda out: calls.append("bwd"))
     monkeypatch.setattr(clock, "slowest", lambda values, device: values)
     tasks = [_Task("a"), _Task("broken"), _Task("b")]
     out = profiler._time_ops(tasks, None, clock.Clock(torch.device("cpu")), repeats=2)
     assert [t for t, *_ in out] == [tasks[0], tasks[2]]
     warm = ["a", "bwd"] * profiler.WARM_ROUNDS + ["b", "bwd"] * profiler.WARM_ROUNDS
-    one_round = ["a", "a", "bwd", "b", "b", "bwd"]  # forward alone, then with backward; then the next op
+    one_round = ["a", "bwd", "b", "bwd"]  # a forward and its backward in one call; then the next op
     assert calls == warm + one_round * 2
 
 
@@ -64,15 +63,14 @@ def test_a_cpu_clock_counts_cpu_time_over_the_core_share(monkeypatch):
 
 
 def test_an_ops_backward_is_priced_without_its_own_backward_call(monkeypatch):
-    fwd, full = (lambda: None), (lambda: None)
-    monkeypatch.setattr(profiler, "_op_call", lambda task, mesh: (fwd, ["leaf"]))
-    monkeypatch.setattr(profiler, "_with_backward", lambda call, leaves: full)
+    monkeypatch.setattr(profiler, "_op_call", lambda task, mesh: ((lambda: None), ["leaf"]))
+    monkeypatch.setattr(profiler, "_backward", lambda leaves: lambda out: None)
 
-    class FixedClock:  # forward 1 s, forward and backward 5 s, on every rank
+    class FixedClock:  # forward 1 s, backward 4 s, on every rank
         device = torch.device("cpu")
 
-        def elapsed(self, fn):
-            return 1.0 if fn is fwd else 5.0
+        def phases(self, first, then):
+            return 1.0, 4.0
 
         def calls(self, warm_s, repeats):
             return [repeats] * len(warm_s)
@@ -81,6 +79,15 @@ def test_an_ops_backward_is_priced_without_its_own_backward_call(monkeypatch):
     assert (forward_s, backward_s) == (1.0, 2.5)
     ((_, _, backward_s),) = profiler._time_ops([_Task("a")], None, FixedClock(), 3, call_s=9.0)
     assert backward_s == 0.0  # never negative
+
+
+def test_a_clock_times_a_forward_and_its_backward_apart_in_one_call(monkeypatch):
+    ticks = iter([0.0, 1.0, 4.0])  # forward from 0 to 1 s, backward from 1 to 4 s
+    monkeypatch.setattr(clock.time, "perf_counter", lambda: next(ticks))
+    events: list[object] = []
+    wall = clock.Clock(torch.device("cpu"))
+    assert wall.phases(lambda: events.append("forward") or "out", events.append) == (1.0, 3.0)
+    assert events == ["forward", "out"]  # the backward gets the forward's result
 
 
 def test_a_clock_runs_its_before_call_untimed_before_every_call(monkeypatch):
