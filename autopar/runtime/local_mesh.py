@@ -53,9 +53,10 @@ def _keep_freed_memory() -> None:
     ``_TRIM_THRESHOLD_BYTES``), and blocks under 32 MiB come from the heap. By default glibc
     adapts both to what the process has freed so far, and after some histories it hands a
     freed buffer back to the OS on every call and page-faults it in on the next: after the
-    ops of a profile, one rank of the 2x2 CPU mesh took 500-1000 page faults per 4 MiB
-    all-to-all, which read 21.6-25.7 ms against 18.2-20.5 ms with these thresholds fixed
-    (none in a fresh process). Elsewhere (another C library) it does nothing."""
+    ops of a profile, one rank of the 2x2 CPU mesh took 500-1000 page faults per call of a 4
+    MiB all-gather or all-to-all in each of 3 launches, and the all-to-all read 21.6-25.7 ms;
+    with these thresholds fixed, no faults and 18.3-22.3 ms (16-20 ms in a fresh process).
+    Elsewhere (another C library) it does nothing."""
     if platform.libc_ver()[0] != "glibc":
         return
     libc = ctypes.CDLL(ctypes.util.find_library("c"))
