@@ -8,8 +8,8 @@ prediction, the median measurement, the median of the rounds' errors and each ro
 (raw, and at the profile's host speed), and whether the three rank the same both ways. Then
 the fitted alpha-beta line of every layout change on each mesh axis against the times it was
 fitted on and against the earlier rounds' sweeps, how many lines of every round's sweep fit
-their own times, and a profile of the 12-layer GPT-2 small
-(real widths, batch 1, sequence 64): its time and how many distinct signatures it measured.
+their own times, and a profile of the 12-layer GPT-2 small (real widths, batch 1, sequence
+64): its time and how many distinct signatures it measured.
 
 This machine's speed drifts over seconds to minutes (other tenants share its host): the
 CPU time of one fixed workload (``cost.clock.reference_s``) runs 20-35% above or below its
@@ -152,8 +152,8 @@ def _ranking(rows: list, key: str) -> list[str]:
 def _collective_table(sweeps: list[dict]) -> None:
     """The last sweep's fitted lines against the times they were fitted on, how many lines of
     each sweep fit their own times, then the last sweep's lines against every earlier sweep's
-    times (other launches, seconds to minutes apart): how far a fitted price
-    is from a collective measured at another moment."""
+    times (other launches, seconds to minutes apart): how far a fitted price is from a
+    collective measured at another moment."""
     if not sweeps:
         return
     last, others = sweeps[-1], sweeps[:-1]

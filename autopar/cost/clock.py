@@ -54,11 +54,7 @@ class Clock:
         self.scale = 1.0 / core_share if core_share else 1.0
 
     def elapsed(self, fn: Callable[[], object]) -> float:
-        if self.device.type == "cuda":
-            return _cuda_phases(fn)[0]
-        t0 = self.now()
-        fn()
-        return (self.now() - t0) * self.scale
+        return self.phases(fn, _nothing)[0]
 
     def phases(self, first: Callable[[], T], then: Callable[[T], object]) -> tuple[float, float]:
         """Seconds of ``first()`` and of ``then`` called on its result right after, in one go
@@ -112,7 +108,11 @@ class Clock:
         return times
 
 
-def _cuda_phases(first: Callable[[], T], then: Callable[[T], object] = lambda _: None) -> tuple[float, float]:
+def _nothing(_: object) -> None:
+    return None
+
+
+def _cuda_phases(first: Callable[[], T], then: Callable[[T], object] = _nothing) -> tuple[float, float]:
     start, mid, end = (torch.cuda.Event(enable_timing=True) for _ in range(3))
     torch.cuda.synchronize()
     torch.cuda._sleep(GPU_COVER_CYCLES)

@@ -7,11 +7,11 @@ has its own), and the mean over the ranks is kept (``cost.clock``):
 - **ops**: every distinct signature (``cost.profile_db.op_signature``) that some strategy of
   some node needs, once: DTensor inputs of random values in the strategy's input layouts,
   called the way the emitted module calls the op (on local shards, or through DTensor for
-  ``rules.DISPATCHED``), its forward and backward timed apart in one call; ``OPS_PER_ROUND`` ops take
-  turns (as in a step, each call comes after other ops'), an untimed round first, then the
-  median of up to ``repeats`` timed ones; a backward less the fixed cost of its own
-  ``torch.autograd.grad`` call, which a step pays once. Identical repeated blocks have
-  identical signatures, so depth adds nothing.
+  ``rules.DISPATCHED``), its forward and backward timed apart in one call;
+  ``OPS_PER_ROUND`` ops take turns (as in a step, each call comes after other ops'), an
+  untimed round first, then the median of up to ``repeats`` timed ones; a backward less the
+  fixed cost of its own ``torch.autograd.grad`` call, which a step pays once. Identical
+  repeated blocks have identical signatures, so depth adds nothing.
 - **layout changes** and the **optimizer**: sweeps over message sizes (``cost.sweeps``).
 - **host speed**: a fixed workload's time (``cost.clock.HostSpeed``) before each batch of ops
   and between the phases; a profile taken while it moved by more than ``UNSTEADY_SPREAD``
@@ -222,8 +222,8 @@ def profile_ops(
 
 def _backward_call_s(clock: Clock, calls: int = 51) -> float:
     """The fixed cost of one ``torch.autograd.grad`` call (the engine's setup and teardown),
-    over the ranks: the backward of a one-element copy, less its forward. Each op's
-    backward is timed as a call of its own, but a step makes one call for all its ops, so this
+    over the ranks: the backward phase of a one-element copy. Each op's backward is timed
+    as a call of its own, but a step makes one call for all its ops, so this
     is taken off each op's backward."""
     x = torch.zeros(1, device=clock.device, requires_grad=True)
     backward = _backward([x])  # the harness every op's backward is timed through

@@ -92,7 +92,7 @@ def test_a_clock_times_a_forward_and_its_backward_apart_in_one_call(monkeypatch)
 
 def test_a_clock_runs_its_before_call_untimed_before_every_call(monkeypatch):
     monkeypatch.setattr(clock, "slowest", lambda values, device: values)
-    ticks = iter(range(1000))  # each timed call reads one tick; the before call reads none
+    ticks = iter(range(1000))  # a timed call lasts one tick; the before call reads none
     monkeypatch.setattr(clock.time, "perf_counter", lambda: float(next(ticks)))
     events: list[str] = []
     wall = clock.Clock(torch.device("cpu"))
