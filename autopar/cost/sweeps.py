@@ -57,20 +57,24 @@ def profile_collectives(
     and the local slice and partial-sum steps, whose cost is the runtime's own) on every mesh
     axis of size > 1, each timed as the emitted module runs it (``runtime.layout.reshard``).
 
-    The sweep runs ``rounds`` times over all cases, each time up to
-    ``COLLECTIVE_CALLS_PER_REPEAT * repeats`` calls per case, as many as the first round's
-    warm-up call allows. (A warm-up call in every round took a fifth of the sweep and priced
-    the same: the median point within 1%, while two sweeps alike differed by 5%.) A case's
-    time is the mean of the middle half of all its calls. A mean, because a step pays the sum
-    of its collectives' times, not their median; of the middle half, because one call's time
-    is spread widely where ranks share cores (on 2 shared cores, from half to twice the mean);
-    of all rounds' calls at once, not a median of each round's: on the 2x2 CPU mesh, in two
-    runs, lines fitted from 5 rounds of 6 calls came within 15% of a 10-round reference at
-    every size for 11.1 and 8.0 of the 12 lines on average that way, 10.2 and 7.3 the other.
-    Each round times the cases in its own order (``round_order``), so neither a slow spell of
-    the machine nor the first case after a switch of line lands on the same message size
-    every round: in sweep order the first size of every line, 4 KiB, read on average 5-7%
-    above its fitted line, shuffled within 1%.
+    The cases take turns, one call at a time, as a step's collectives do: each call comes
+    after calls of other cases, never after one of its own. The first call of a case after
+    calls of others reads well above the ones right after it (on the 2x2 CPU mesh, over 11
+    rounds of 5 calls per case: 1.26-1.42x their mean for the collectives, the median over
+    the sizes of each kind; 1.04x for the local steps), and in a step every call is such a
+    call: one case called again and again reads low. A sweep makes ``rounds`` rounds, each
+    up to ``COLLECTIVE_CALLS_PER_REPEAT * repeats`` turns over the cases (a case's calls per
+    round: as many as fit in ``COLLECTIVE_CALLS_PER_REPEAT * ENOUGH_S`` by its warm-up call).
+    A case's time is the mean of the middle half of all its calls. A mean, because a step
+    pays the sum of its collectives' times, not their median; of the middle half, because
+    one call's time is spread widely where ranks share cores (on 2 shared cores, from half
+    to twice the mean); of all rounds' calls at once, not a median of each round's: on the
+    2x2 CPU mesh, in two runs, lines fitted from 5 rounds of 6 calls came within 15% of a
+    10-round reference at every size for 11.1 and 8.0 of the 12 lines on average that way,
+    10.2 and 7.3 the other.
+    Each round takes the cases in its own order (``round_order``), so a slow spell of the
+    machine does not land on the same message size every round, nor does one case always
+    follow the same other.
 
     On a CPU host whose ranks outnumber its cores, each call comes after
     ``COMPUTE_BEFORE_COLLECTIVE_S`` of compute (untimed), as in a step; and the local steps
@@ -100,16 +104,22 @@ def profile_collectives(
                 key = f"{mesh_key(mesh.shape)}/axis{axis}/{kind}"
                 clock = cpu if kind in LOCAL_KINDS else wall
                 cases.append((key, nbytes, clock, _redistribute(x, placements)))
+    warm_s = []
+    for i in round_order(len(cases), -1):  # a warm-up call of each case, in an order of its own
+        _, _, clock, run = cases[i]
+        before()
+        warm_s.append((i, clock.elapsed(run)))
+    # the ranks agree on the number of calls, by the slowest rank's warm-up call
+    calls = wall.calls([t for _, t in sorted(warm_s)], per * repeats, enough_s=per * ENOUGH_S)
     calls_s: list[list[float]] = [[] for _ in cases]
-    calls = [0] * len(cases)
     for r in range(rounds):
-        for i in round_order(len(cases), r):
-            _, _, clock, run = cases[i]
-            if r == 0:  # after a warm-up call; the ranks agree on the number of calls
-                calls_s[i] = clock.times(run, per * repeats, enough_s=per * ENOUGH_S, before=before)
-                calls[i] = len(calls_s[i])
-            else:
-                calls_s[i] += clock.repeat(run, calls[i], before)
+        order = round_order(len(cases), r)
+        for turn in range(max(calls)):
+            for i in order:
+                if turn < calls[i]:
+                    _, _, clock, run = cases[i]
+                    before()
+                    calls_s[i].append(clock.elapsed(run))
     times = rank_mean([interquartile_mean(c) for c in calls_s], device)
     out: dict[str, dict] = {}
     for (key, nbytes, _, _), t in zip(cases, times):
@@ -122,7 +132,7 @@ def profile_collectives(
 
 
 def round_order(n: int, round_index: int) -> list[int]:
-    """The order in which round ``round_index`` of a sweep times its ``n`` cases: a shuffle
+    """The order in which round ``round_index`` of a sweep takes its ``n`` cases: a shuffle
     seeded by the round, so every rank makes the same calls in the same order."""
     return random.Random(round_index).sample(range(n), n)
 

@@ -159,15 +159,20 @@ def test_large_random_inputs_repeat_a_smaller_draw(monkeypatch):
     assert flat[:8].unique().numel() == 8  # normal draws, not a constant fill
 
 
-def test_the_sweep_times_local_steps_by_the_op_clock_and_pools_every_rounds_calls(monkeypatch):
+def test_the_sweep_takes_turns_over_the_cases_and_times_local_steps_by_the_op_clock(monkeypatch):
     # one 2-rank axis on a host with fewer cores than ranks; each call of a case reads a
-    # different time, on the ops' clock (CPU time over the core share) or the wall clock
+    # different time, on the ops' clock (CPU time over the core share) or the wall clock; an
+    # all-to-all call takes 20 ms, so it gets fewer calls per round than the 1 ms cases
     timed: dict[str, list[tuple[str, float]]] = {}
+    sequence: list[str] = []
 
     class FakeClock(clock.Clock):
         def elapsed(self, fn):
-            calls = timed.setdefault(fn(), [])
-            calls.append(("ops" if self.scale != 1.0 else "wall", 1e-3 * (1 + len(calls) * 7 % 5)))
+            kind = fn()
+            calls = timed.setdefault(kind, [])
+            base_s = 20e-3 if kind == "all_to_all" else 1e-3
+            calls.append(("ops" if self.scale != 1.0 else "wall", base_s * (1 + len(calls) * 7 % 5)))
+            sequence.append(kind)
             return calls[-1][1]
 
     mesh = types.SimpleNamespace(shape=(2,), device_type="cpu")
@@ -185,7 +190,10 @@ def test_the_sweep_times_local_steps_by_the_op_clock_and_pools_every_rounds_call
     )
     out = sweeps.profile_collectives(mesh, sizes_bytes=[4096], repeats=2, rounds=3)
     assert {k for k, calls in timed.items() if calls[0][0] == "ops"} == set(comm.LOCAL_KINDS)
+    # every call comes after a call of another case, as in a step
+    assert all(a != b for a, b in zip(sequence, sequence[1:]))
     for kind, ((_, warm_s), *calls) in timed.items():
         per_round = min(2 * sweeps.COLLECTIVE_CALLS_PER_REPEAT, int(2 * clock.ENOUGH_S / warm_s))
-        assert len(calls) == 3 * per_round  # no warm-up call after the first round's
+        assert per_round == (2 if kind == "all_to_all" else 4)
+        assert len(calls) == 3 * per_round  # one warm-up call, then the rounds' turns
         assert out[f"2/axis0/{kind}"]["times_s"] == [clock.interquartile_mean([t for _, t in calls])]
