@@ -90,15 +90,17 @@ def _model_rows(
     """Profile, plan and measure ``name`` ``rounds`` times; print a row per strategy and return
     the medians of the rounds' errors, raw and at the profile's host speed. Each round
     measures its plans right after their profile, so the two meet the machine in much the
-    same state (its speed drifts over seconds to minutes)."""
+    same state (its speed drifts over seconds to minutes), in an order rotated from round to
+    round, so that no plan is always the one measured nearest its profile."""
     args = (name, 8, 32, "tiny", "cpu")
     model, kwargs = _model(*args)
     per_round, summaries = [], []
-    for _ in range(rounds):
+    for r in range(rounds):
         summaries.append(profile_local(_model, args, MESH, db))
         sweeps.append(next(iter(json.loads(Path(db).read_text())["devices"].values()))["collectives"])
         rows = bench.compare(model, kwargs, MESH, STRATEGIES, gpu="cpu", profile=db)
-        bench.measure(rows, _model, args, steps=steps)
+        turn = r % len(rows)  # each plan is measured first (nearest its profile) in some round
+        bench.measure(rows[turn:] + rows[:turn], _model, args, steps=steps)
         per_round.append(rows)
     errors, corrected, medians = [], [], []
     for k, strategy in enumerate(STRATEGIES):
