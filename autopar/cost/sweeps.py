@@ -114,7 +114,7 @@ def profile_collectives(
     calls_s: list[list[float]] = [[] for _ in cases]
     for r in range(rounds):
         order = round_order(len(cases), r)
-        for turn in range(max(calls)):
+        for turn in range(max(calls, default=0)):
             for i in order:
                 if turn < calls[i]:
                     _, _, clock, run = cases[i]

@@ -197,3 +197,11 @@ def test_the_sweep_takes_turns_over_the_cases_and_times_local_steps_by_the_op_cl
         assert per_round == (2 if kind == "all_to_all" else 4)
         assert len(calls) == 3 * per_round  # one warm-up call, then the rounds' turns
         assert out[f"2/axis0/{kind}"]["times_s"] == [clock.interquartile_mean([t for _, t in calls])]
+
+
+def test_a_mesh_with_no_axis_over_one_device_has_no_layout_changes_to_sweep(monkeypatch):
+    monkeypatch.setattr(sweeps, "core_share", lambda mesh: None)
+    monkeypatch.setattr(sweeps, "rank_mean", lambda values, device: values)
+    monkeypatch.setattr(clock, "slowest", lambda values, device: values)
+    mesh = types.SimpleNamespace(shape=(1,), device_type="cpu")
+    assert sweeps.profile_collectives(mesh, sizes_bytes=[4096]) == {}
