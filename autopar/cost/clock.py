@@ -73,39 +73,14 @@ class Clock:
         rank (an op may communicate inside). Every rank calls it (it lines the ranks up)."""
         return [max(1, min(repeats, int(enough_s / max(w, 1e-9)))) for w in slowest(warm_s, self.device)]
 
-    def __call__(
-        self,
-        fn: Callable[[], object],
-        repeats: int,
-        average: Callable[[list[float]], float] = statistics.median,
-        enough_s: float = ENOUGH_S,
-        before: Callable[[], object] = lambda: None,
-    ) -> float:
-        """A warm-up call, then the ``average`` of up to ``repeats`` calls of ``fn``; each call
-        after one of ``before``, untimed."""
-        return average(self.times(fn, repeats, enough_s, before))
+    def __call__(self, fn: Callable[[], object], repeats: int, enough_s: float = ENOUGH_S) -> float:
+        """A warm-up call, then the median of up to ``repeats`` calls of ``fn``."""
+        return statistics.median(self.times(fn, repeats, enough_s))
 
-    def times(
-        self,
-        fn: Callable[[], object],
-        repeats: int,
-        enough_s: float = ENOUGH_S,
-        before: Callable[[], object] = lambda: None,
-    ) -> list[float]:
+    def times(self, fn: Callable[[], object], repeats: int, enough_s: float = ENOUGH_S) -> list[float]:
         """The seconds of each timed call of ``fn`` (see ``__call__``)."""
-        before()
         (calls,) = self.calls([self.elapsed(fn)], repeats, enough_s)
-        return self.repeat(fn, calls, before)
-
-    def repeat(
-        self, fn: Callable[[], object], calls: int, before: Callable[[], object] = lambda: None
-    ) -> list[float]:
-        """The seconds of each of ``calls`` calls of ``fn``, each after an untimed ``before``."""
-        times = []
-        for _ in range(calls):
-            before()
-            times.append(self.elapsed(fn))
-        return times
+        return [self.elapsed(fn) for _ in range(calls)]
 
 
 def _nothing(_: object) -> None:

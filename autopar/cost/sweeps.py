@@ -69,9 +69,9 @@ def profile_collectives(
     pays the sum of its collectives' times, not their median; of the middle half, because
     one call's time is spread widely where ranks share cores (on 2 shared cores, from half
     to twice the mean); of all rounds' calls at once, not a median of each round's: on the
-    2x2 CPU mesh, in two runs, lines fitted from 5 rounds of 6 calls came within 15% of a
-    10-round reference at every size for 11.1 and 8.0 of the 12 lines on average that way,
-    10.2 and 7.3 the other.
+    2x2 CPU mesh, in two runs (each case's calls then back to back), lines fitted from 5
+    rounds of 6 calls came within 15% of a 10-round reference at every size for 11.1 and 8.0
+    of the 12 lines on average that way, 10.2 and 7.3 the other.
     Each round takes the cases in its own order (``round_order``), so a slow spell of the
     machine does not land on the same message size every round, nor does one case always
     follow the same other.
@@ -104,13 +104,13 @@ def profile_collectives(
                 key = f"{mesh_key(mesh.shape)}/axis{axis}/{kind}"
                 clock = cpu if kind in LOCAL_KINDS else wall
                 cases.append((key, nbytes, clock, _redistribute(x, placements)))
-    warm_s = []
+    warm_s = [0.0] * len(cases)
     for i in round_order(len(cases), -1):  # a warm-up call of each case, in an order of its own
         _, _, clock, run = cases[i]
         before()
-        warm_s.append((i, clock.elapsed(run)))
+        warm_s[i] = clock.elapsed(run)
     # the ranks agree on the number of calls, by the slowest rank's warm-up call
-    calls = wall.calls([t for _, t in sorted(warm_s)], per * repeats, enough_s=per * ENOUGH_S)
+    calls = wall.calls(warm_s, per * repeats, enough_s=per * ENOUGH_S)
     calls_s: list[list[float]] = [[] for _ in cases]
     for r in range(rounds):
         order = round_order(len(cases), r)

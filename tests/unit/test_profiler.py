@@ -90,15 +90,16 @@ def test_a_clock_times_a_forward_and_its_backward_apart_in_one_call(monkeypatch)
     assert events == ["forward", "out"]  # the backward gets the forward's result
 
 
-def test_a_clock_runs_its_before_call_untimed_before_every_call(monkeypatch):
+def test_a_clock_makes_a_warm_up_call_then_takes_the_median_of_the_timed_ones(monkeypatch):
     monkeypatch.setattr(clock, "slowest", lambda values, device: values)
-    ticks = iter(range(1000))  # a timed call lasts one tick; the before call reads none
-    monkeypatch.setattr(clock.time, "perf_counter", lambda: float(next(ticks)))
+    # calls of 9, 1, 2 and 5 s (a call reads the clock thrice: before, after, after nothing)
+    ticks = iter([0.0, 9.0, 9.0, 10.0, 11.0, 11.0, 20.0, 22.0, 22.0, 30.0, 35.0, 35.0])
+    monkeypatch.setattr(clock.time, "perf_counter", lambda: next(ticks))
     events: list[str] = []
     wall = clock.Clock(torch.device("cpu"))
-    t = wall(lambda: events.append("call"), repeats=3, enough_s=100.0, before=lambda: events.append("before"))
-    assert events == ["before", "call"] * 4  # the warm-up call, then 3 timed ones
-    assert t == 1.0
+    t = wall(lambda: events.append("call"), repeats=3, enough_s=100.0)
+    assert events == ["call"] * 4  # the warm-up call, then 3 timed ones
+    assert t == 2.0  # the median of 1, 2 and 5 s; the 9 s warm-up is not counted
 
 
 def test_busy_computes_for_the_cpu_time_asked():
