@@ -15,6 +15,7 @@ from __future__ import annotations
 import gc
 import json
 import math
+import os
 import statistics
 import tempfile
 import time
@@ -127,19 +128,36 @@ def _row(
 
 def measure(rows: list[BenchRow], build: Callable, build_args: tuple, steps: int = 3) -> None:
     """Run each row's plan on a local mesh of CPU processes (gloo) and set ``measured_s``: the
-    mean wall time of ``steps`` training steps (forward, backward, AdamW) after
+    mean wall time of its ``steps`` training steps (forward, backward, AdamW) after
     ``WARM_UP_STEPS`` untimed ones, with Python's garbage collector paused.
-    ``build(*build_args)`` makes the model and its inputs on every rank."""
+    ``build(*build_args)`` makes the model and its inputs on every rank.
+
+    The plans take turns, one step each, in an order rotated from turn to turn, and each step
+    is timed from one barrier to the next (``_time_turns``). A shared host's speed drifts by
+    20-35% over seconds, so plans measured one after another meet it at different speeds
+    and may rank wrongly; in turns they meet the same speeds. (On the 2x2 CPU mesh, LLaMA
+    tiny's three plans measured both ways, alternated 4 times in one launch: their steps read
+    the same within the host's noise, 297-329 ms in turns against 272-355 ms one plan after
+    another for auto; so neither the switching nor the barriers add a cost of that order.)
+    Plans whose peak memory (per device, on every rank) would together take more than
+    ``MEASURE_MEMORY_SHARE`` of the host's available memory are measured in groups that fit
+    (``groups``), one group after another."""
     todo = [r for r in rows if r.plan_json]
     if not todo:
         return
     world = math.prod(todo[0].mesh)
+    plan_groups = [
+        [todo[k].plan_json for k in g]
+        for g in groups([r.peak_memory_bytes or 0 for r in todo], world, _available_bytes())
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp, "times.json")
-        plans = [r.plan_json for r in todo]
         try:
             run_gloo(
-                _time_plans, (plans, build, build_args, steps, str(out)), world_size=world, timeout_s=600
+                _time_plans,
+                (plan_groups, build, build_args, steps, str(out)),
+                world_size=world,
+                timeout_s=600,
             )
         except RuntimeError as exc:
             raise AutoparError(f"measuring the plans on {world} local processes failed: {exc}") from None
@@ -150,9 +168,46 @@ def measure(rows: list[BenchRow], build: Callable, build_args: tuple, steps: int
                 r.problem = f"failed when run: {t['error']}"
 
 
+#: plans measured in turns hold at most this share of the host's available memory together
+#: (each plan's peak memory per device, on every rank of the local mesh)
+MEASURE_MEMORY_SHARE = 0.5
+
+
+def groups(peaks_bytes: list[int], world: int, free_bytes: int) -> list[list[int]]:
+    """The plans (by index, in order) measured together: consecutive plans whose peak memory
+    per device, times the ``world`` local ranks, fits in ``MEASURE_MEMORY_SHARE`` of
+    ``free_bytes`` together; a plan that does not fit even alone is a group of its own."""
+    out: list[list[int]] = []
+    held = 0
+    for k, peak in enumerate(peaks_bytes):
+        need = peak * world
+        if not out or held + need > MEASURE_MEMORY_SHARE * free_bytes:
+            out.append([])
+            held = 0
+        out[-1].append(k)
+        held += need
+    return out
+
+
+def _available_bytes() -> int:
+    """The host's available memory (its total where the system does not say)."""
+    try:
+        pages = os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError):  # not every system names it
+        pages = os.sysconf("SC_PHYS_PAGES")
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def turn_order(n: int, turn: int) -> list[int]:
+    """The order in which turn ``turn`` takes ``n`` plans: rotated by one each turn, so each
+    plan comes first, and after each other, equally often."""
+    return [(turn + k) % n for k in range(n)]
+
+
 def _time_plans(
-    rank: int, plans: list[str], build: Callable, build_args: tuple, steps: int, out: str
+    rank: int, plan_groups: list[list[str]], build: Callable, build_args: tuple, steps: int, out: str
 ) -> None:
+    """Each group's plans built together, then measured in turns; one entry per plan, in order."""
     import torch
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -161,39 +216,84 @@ def _time_plans(
     from autopar.cost.clock import rank_mean, reference_s
     from autopar.solver.plan import Plan
 
-    times: list[dict] = []
-    for text in plans:
-        plan = Plan.from_json(text)
-        torch.manual_seed(0)
-        model, inputs = build(*build_args)
-        mesh = init_device_mesh("cpu", tuple(plan.mesh_shape))
-        try:  # a plan fails alike on every rank (same plan, same code), so each goes on
-            pm = autoparallelize(model, (), mesh, example_kwargs=inputs, plan=plan)
-            opt = torch.optim.AdamW(pm.parameters(), lr=1e-4)
-            gc.collect()  # the previous plan's module goes now, not while this one is timed
-            reference = [reference_s(torch.device("cpu"))]
-            gc.disable()
-            try:
-                for i in range(steps + WARM_UP_STEPS):
-                    if i == WARM_UP_STEPS:
-                        dist.barrier()
-                        t0 = time.perf_counter()
-                    _loss(pm(**inputs)).backward()
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                dist.barrier()
-            finally:
-                gc.enable()
-            step_s = (time.perf_counter() - t0) / steps
-            reference.append(reference_s(torch.device("cpu")))
-            times.append(
-                {"s": step_s, "reference_s": rank_mean([statistics.fmean(reference)], torch.device("cpu"))[0]}
-            )
-        except Exception as exc:  # noqa: BLE001 - reported in the table, not a crash
-            times.append({"error": f"{type(exc).__name__}: {exc}".splitlines()[0]})
-            dist.barrier()
+    results: list[dict] = []
+    for texts in plan_groups:
+        entries: list[dict] = [{} for _ in texts]
+        runs: dict[int, Callable[[], None]] = {}
+        for k, text in enumerate(texts):
+            plan = Plan.from_json(text)
+            torch.manual_seed(0)
+            model, inputs = build(*build_args)
+            mesh = init_device_mesh("cpu", tuple(plan.mesh_shape))
+            try:  # a plan fails alike on every rank (same plan, same code), so each goes on
+                runs[k] = _training_step(
+                    autoparallelize(model, (), mesh, example_kwargs=inputs, plan=plan), inputs
+                )
+            except Exception as exc:  # noqa: BLE001 - reported in the table, not a crash
+                entries[k]["error"] = _error(exc)
+            del model
+        gc.collect()  # the previous group's modules go now, not while these are timed
+        reference = [reference_s(torch.device("cpu"))]
+        times_s = _time_turns(runs, steps, entries, dist.barrier)
+        reference.append(reference_s(torch.device("cpu")))
+        (reference_mean_s,) = rank_mean([statistics.fmean(reference)], torch.device("cpu"))
+        for k, t in times_s.items():
+            entries[k] = {"s": statistics.fmean(t), "reference_s": reference_mean_s}
+        results += entries
+        del runs
     if rank == 0:
-        Path(out).write_text(json.dumps(times))
+        Path(out).write_text(json.dumps(results))
+
+
+def _training_step(module: nn.Module, inputs: dict[str, Any]) -> Callable[[], None]:
+    import torch
+
+    opt = torch.optim.AdamW(module.parameters(), lr=1e-4)
+
+    def step() -> None:
+        _loss(module(**inputs)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _time_turns(
+    runs: dict[int, Callable[[], None]], steps: int, entries: list[dict], barrier: Callable[[], object]
+) -> dict[int, list[float]]:
+    """Seconds of each plan's timed steps: ``WARM_UP_STEPS`` untimed turns, then ``steps``
+    timed ones, each plan's step in ``turn_order`` and timed from the barrier before it to
+    the one after (a step pays its slowest rank). A plan whose step raises (alike on every
+    rank) gets its error in ``entries`` and leaves the turns."""
+    live = sorted(runs)
+    times_s: dict[int, list[float]] = {k: [] for k in live}
+    gc.disable()
+    try:
+        barrier()
+        last = time.perf_counter()
+        for turn in range(WARM_UP_STEPS + steps):
+            for i in turn_order(len(live), turn):
+                k = live[i]
+                try:
+                    runs[k]()
+                except Exception as exc:  # noqa: BLE001 - reported in the table, not a crash
+                    entries[k]["error"] = _error(exc)
+                barrier()
+                now = time.perf_counter()
+                if turn >= WARM_UP_STEPS:
+                    times_s[k].append(now - last)
+                last = now
+            failed = [k for k in live if "error" in entries[k]]
+            live = [k for k in live if k not in failed]
+            for k in failed:
+                del times_s[k]
+    finally:
+        gc.enable()
+    return times_s
+
+
+def _error(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}".splitlines()[0]
 
 
 def _loss(out):

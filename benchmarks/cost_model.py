@@ -14,11 +14,12 @@ their own times, and a profile of the 12-layer GPT-2 small (real widths, batch 1
 This machine's speed drifts over seconds to minutes (other tenants share its host): the
 CPU time of one fixed workload (``cost.clock.reference_s``) runs 20-35% above or below its
 median for seconds at a time, and moved by 2x within single runs. So each round measures
-right after its own profile, and both record that workload's time: the profile its median
-(``autopar profile`` prints it with its spread), the measurement a sample before and after
-each plan's steps. The ``at_speed`` column is each prediction scaled by the ratio of the
-two (the host's speed while measuring over its speed while profiling): the error left when
-the host's drift is taken out. Over 150 steps of one plan, the reference's time followed the
+right after its own profile, the three plans taking turns, one step each (``bench.measure``),
+and both record that workload's time: the profile its median (``autopar profile`` prints it
+with its spread), the measurement a sample before and after the plans' steps. The
+``at_speed`` column is each prediction scaled by the ratio of the two (the host's speed
+while measuring over its speed while profiling): the error left when the host's drift is
+taken out. Over 150 steps of one plan, the reference's time followed the
 step's with a correlation of 0.83 (5-step windows), and dividing one by the other halved
 their spread (17% to 9%).
 
@@ -90,17 +91,16 @@ def _model_rows(
     """Profile, plan and measure ``name`` ``rounds`` times; print a row per strategy and return
     the medians of the rounds' errors, raw and at the profile's host speed. Each round
     measures its plans right after their profile, so the two meet the machine in much the
-    same state (its speed drifts over seconds to minutes), in an order rotated from round to
-    round, so that no plan is always the one measured nearest its profile."""
+    same state (its speed drifts over seconds to minutes); the plans take turns, one step
+    each (``bench.measure``), so they meet the same speeds."""
     args = (name, 8, 32, "tiny", "cpu")
     model, kwargs = _model(*args)
     per_round, summaries = [], []
-    for r in range(rounds):
+    for _ in range(rounds):
         summaries.append(profile_local(_model, args, MESH, db))
         sweeps.append(next(iter(json.loads(Path(db).read_text())["devices"].values()))["collectives"])
         rows = bench.compare(model, kwargs, MESH, STRATEGIES, gpu="cpu", profile=db)
-        turn = r % len(rows)  # each plan is measured first (nearest its profile) in some round
-        bench.measure(rows[turn:] + rows[:turn], _model, args, steps=steps)
+        bench.measure(rows, _model, args, steps=steps)
         per_round.append(rows)
     errors, corrected, medians = [], [], []
     for k, strategy in enumerate(STRATEGIES):

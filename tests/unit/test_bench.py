@@ -87,3 +87,43 @@ def test_cli_bench_run_measures_each_plan_on_a_local_mesh(tmp_path, capsys):
     assert (
         main(["bench", "gpt2-124m", "--mesh", "2x2", "--run"]) == 2
     )  # a real-size model on every rank: refused
+
+
+def test_plans_measured_together_fit_in_the_memory_share():
+    share = int(bench.MEASURE_MEMORY_SHARE * 1000)  # of 1000 free bytes, over 4 ranks
+    # 4 ranks x (100 + 100) fit in the share; a third plan does not, nor one too big alone
+    assert bench.groups([share // 8, share // 8, share // 8], 4, 1000) == [[0, 1], [2]]
+    assert bench.groups([share, 1, 1], 4, 1000) == [[0], [1, 2]]
+    assert bench.groups([0, 0, 0], 4, 1000) == [[0, 1, 2]]
+    assert bench.groups([], 4, 1000) == []
+
+
+def test_plans_take_turns_one_step_each_and_a_failing_plan_leaves_the_turns():
+    log: list[str] = []
+
+    def step(name: str, fail_at: int | None = None):
+        calls = iter(range(100))
+
+        def run() -> None:
+            if next(calls) == fail_at:
+                raise RuntimeError(f"{name} broke\nsecond line")
+            log.append(name)
+
+        return run
+
+    runs = {0: step("a"), 1: step("b", fail_at=3), 2: step("c")}
+    entries: list[dict] = [{}, {}, {}]
+    barriers = []
+    times = bench._time_turns(runs, 3, entries, lambda: barriers.append(len(log)))
+    turns = bench.WARM_UP_STEPS + 3
+    # every turn takes each live plan once, in an order rotated each turn
+    expected: list[str] = []
+    for turn in range(turns):
+        live = "abc" if turn <= 3 else "ac"
+        expected += [live[k] for k in bench.turn_order(len(live), turn) if (live[k], turn) != ("b", 3)]
+    assert log == expected  # b's fourth call raised: it is in no later turn
+    assert sorted(times) == [0, 2] and all(len(t) == 3 and min(t) >= 0 for t in times.values())
+    assert entries[1] == {"error": "RuntimeError: b broke"} and entries[0] == entries[2] == {}
+    assert len(barriers) == 1 + len(log) + 1  # one before the turns, one after each step (b's last too)
+    assert [sorted(bench.turn_order(3, t)) for t in range(3)] == [[0, 1, 2]] * 3
+    assert [bench.turn_order(3, t)[0] for t in range(3)] == [0, 1, 2]
