@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from autopar.cost import clock, comm, profiler, sweeps
+from autopar.cost import clock, comm, profile_db, profiler, sweeps
 
 
 def test_backward_is_timed_without_making_the_output_gradients(monkeypatch):
@@ -181,6 +181,7 @@ def test_the_sweep_takes_turns_over_the_cases_and_times_local_steps_by_the_op_cl
     monkeypatch.setattr(sweeps, "core_share", lambda mesh: 0.5)
     monkeypatch.setattr(sweeps, "busy", lambda cpu_s: lambda: None)
     monkeypatch.setattr(sweeps, "rank_mean", lambda values, device: values)
+    monkeypatch.setattr(sweeps, "slowest", lambda values, device: values)
     monkeypatch.setattr(clock, "slowest", lambda values, device: values)
     monkeypatch.setattr(
         sweeps, "_full_mesh", lambda mesh, axis, p, local: types.SimpleNamespace(placements=[p])
@@ -200,9 +201,67 @@ def test_the_sweep_takes_turns_over_the_cases_and_times_local_steps_by_the_op_cl
         assert out[f"2/axis0/{kind}"]["times_s"] == [clock.interquartile_mean([t for _, t in calls])]
 
 
+def test_a_size_that_strays_from_its_line_is_measured_again_taking_turns(monkeypatch):
+    # one 2-rank axis, the CPU sweep's sizes; every case's calls read the same time, on a line
+    # of the local rows, except the middle all-gather's, which reads 1.4x that
+    stray_case = ("all_gather", 256)
+    sequence: list[tuple[str, int]] = []
+
+    def seconds(case: tuple[str, int]) -> float:
+        return (1e-3 + case[1] * 1e-6) * (1.4 if case == stray_case else 1.0)
+
+    class FakeClock(clock.Clock):
+        def elapsed(self, fn):
+            sequence.append(fn())
+            return seconds(sequence[-1])
+
+    mesh = types.SimpleNamespace(shape=(2,), device_type="cpu")
+    monkeypatch.setattr(sweeps, "Clock", FakeClock)
+    monkeypatch.setattr(sweeps, "core_share", lambda mesh: None)
+    monkeypatch.setattr(sweeps, "rank_mean", lambda values, device: values)
+    monkeypatch.setattr(sweeps, "slowest", lambda values, device: values)
+    monkeypatch.setattr(clock, "slowest", lambda values, device: values)
+    monkeypatch.setattr(
+        sweeps,
+        "_full_mesh",
+        lambda mesh, axis, p, local: types.SimpleNamespace(placements=[p], rows=local[0]),
+    )
+    kind_of = {(str(src), str(dst)): kind for kind, (src, dst, _) in sweeps._MOVES.items()}
+    monkeypatch.setattr(
+        sweeps, "_redistribute", lambda x, to: lambda: (kind_of[(str(x.placements[0]), str(to[0]))], x.rows)
+    )
+    rounds, repeats = 3, 2
+    out = sweeps.profile_collectives(mesh, repeats=repeats, rounds=rounds)
+    assert stray_case in sequence
+    # which cases stray more than RECHECK_ABOVE from their line, by their (fixed) times
+    strays = set()
+    for kind in sweeps._MOVES:
+        cases = sorted({c for c in sequence if c[0] == kind}, key=lambda c: c[1])
+        times = [seconds(c) for c in cases]
+        alpha, beta = profile_db.fit_alpha_beta([c[1] for c in cases], times)
+        strays |= {
+            c for c, t in zip(cases, times) if abs((alpha + beta * c[1]) / t - 1) > sweeps.RECHECK_ABOVE
+        }
+    assert stray_case in strays and len(strays) < len(sweeps._MOVES)  # the other lines are exact
+    per = sweeps.COLLECTIVE_CALLS_PER_REPEAT
+
+    def per_round(c: tuple[str, int]) -> int:
+        return max(1, min(per * repeats, int(per * clock.ENOUGH_S / seconds(c))))
+
+    calls = {c: sequence.count(c) - 1 for c in set(sequence)}  # less the warm-up call
+    again = {c for c, n in calls.items() if n > rounds * per_round(c)}
+    assert all(calls[c] == (rounds + sweeps.RECHECK_ROUNDS) * per_round(c) for c in again)
+    assert all(calls[c] == rounds * per_round(c) for c in set(calls) - again)
+    assert strays <= again and len(again) == max(2 * len(strays), sweeps.RECHECK_CASES)
+    assert all(a != b for a, b in zip(sequence, sequence[1:]))  # no call after its own case's
+    line = out["2/axis0/all_gather"]
+    assert line["times_s"] == pytest.approx(sorted(seconds(c) for c in calls if c[0] == "all_gather"))
+
+
 def test_a_mesh_with_no_axis_over_one_device_has_no_layout_changes_to_sweep(monkeypatch):
     monkeypatch.setattr(sweeps, "core_share", lambda mesh: None)
     monkeypatch.setattr(sweeps, "rank_mean", lambda values, device: values)
+    monkeypatch.setattr(sweeps, "slowest", lambda values, device: values)
     monkeypatch.setattr(clock, "slowest", lambda values, device: values)
     mesh = types.SimpleNamespace(shape=(1,), device_type="cpu")
     assert sweeps.profile_collectives(mesh, sizes_bytes=[4096]) == {}
