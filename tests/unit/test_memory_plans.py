@@ -8,9 +8,13 @@ import pytest
 import torch
 
 from autopar import AutoparError, InfeasibleBudgetError, make_plan
+from autopar.cost.hardware import get_hardware
 from autopar.cost.memory import saved_for_backward
 from autopar.models import zoo
+from autopar.solver.graph import build
+from autopar.solver.ilp import solve
 from autopar.solver.rules.base import tensor_args
+from autopar.solver.zero import add_param_modes
 from autopar.tracer import trace
 
 
@@ -127,6 +131,24 @@ def test_budget_below_the_floor_names_the_smallest_budget(gpt):
     floor = err.value.min_budget_bytes
     assert f"{floor} bytes" in str(err.value) and "recomputing" in str(err.value)
     assert _plan(gpt, floor + 1).peak_memory_bytes <= floor + 1
+
+
+def test_a_budget_the_fastest_plan_meets_is_solved_without_the_liveness_rows():
+    """The ILP without the memory rows is a relaxation of the budgeted one: where its optimum
+    fits the budget, that is the budgeted optimum; one byte less and the rows decide."""
+    with torch.device("meta"):
+        model, inputs = zoo.build("gpt2-1.5b", batch=8, seq=128, overrides={"n_layer": 2})
+    traced = trace(model, (), inputs)
+    g = build(traced.gm, (4,), get_hardware("h100"), traced.trainable)
+    add_param_modes(g)
+    free = solve(g)
+    peak = int(free.memory["peak_bytes"])
+    fits = solve(g, memory_budget_bytes=peak)
+    assert fits.choice == free.choice and fits.recomputed == set()
+    assert fits.n_variables == free.n_variables  # no recompute, kept or peak variables
+    tight = solve(g, memory_budget_bytes=peak - 1)
+    assert tight.n_variables > free.n_variables and tight.memory["peak_bytes"] <= peak - 1
+    assert tight.objective_s >= free.objective_s * (1 - 1e-4)  # within the solver gap
 
 
 def test_probe_finds_what_ops_keep():
