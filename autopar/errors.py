@@ -27,6 +27,10 @@ class InfeasibleBudgetError(AutoparError):
         self.min_budget_bytes = min_budget_bytes
 
 
+class SolverTimeLimitError(AutoparError):
+    """The ILP's time limit ran out before the solver found any plan (none is made up)."""
+
+
 class StalePlanError(AutoparError):
     """A saved plan was made for another graph, mesh or format version."""
 

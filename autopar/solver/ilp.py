@@ -77,7 +77,7 @@ from dataclasses import dataclass, field
 
 import pulp
 
-from autopar.errors import InfeasibleBudgetError
+from autopar.errors import InfeasibleBudgetError, SolverTimeLimitError
 from autopar.solver.graph import EdgeUse, StrategyGraph, edge_key, grad_spec
 from autopar.solver.memory import MemoryModel, build_memory_model, copy_bytes, value
 
@@ -158,7 +158,7 @@ def solve(
     constraints (and recomputation choices) enter only with a budget or ``objective="memory"``.
     Under a budget the time-only problem is solved first, and its plan kept if it fits (the
     relaxation, in the module docstring)."""
-    t0 = time.perf_counter()
+    t0, limit_s = time.perf_counter(), time_limit_s
     if memory_budget_bytes is not None and objective == "time":
         free = solve(g, time_limit_s=time_limit_s, solver=solver)
         if free.memory["peak_bytes"] <= memory_budget_bytes:
@@ -189,6 +189,12 @@ def solve(
     prob += pulp.lpSum(terms)
     n_vars = len(prob.variables())
     status, gap, name = _run(prob, solver, time_limit_s)
+    if status == "no_solution":
+        budget = "" if memory_budget_bytes is None else f" under memory_budget={memory_budget_bytes} bytes"
+        raise SolverTimeLimitError(
+            f"the ILP ({n_vars} variables) found no plan for mesh {g.mesh_shape}{budget} within "
+            f"time_limit_s={limit_s}: raise time_limit_s, or leave it unset to solve to the optimum"
+        )
     if status == "infeasible" and memory_budget_bytes is not None:
         need = solve(g, objective="memory", solver=solver, time_limit_s=time_limit_s).memory["peak_bytes"]
         raise InfeasibleBudgetError(
@@ -292,6 +298,8 @@ def _quiet_stdout():
 
 
 def _run(prob: pulp.LpProblem, solver: str, time_limit_s: float | None) -> tuple[str, float, str]:
+    """(status, gap, solver name). ``no_solution``: the time limit ran out before any plan was
+    found, and the variables' values mean nothing."""
     if solver == "highs" and pulp.HiGHS().available():
         with _quiet_stdout():
             prob.solve(pulp.HiGHS(msg=False, timeLimit=time_limit_s))
@@ -299,14 +307,22 @@ def _run(prob: pulp.LpProblem, solver: str, time_limit_s: float | None) -> tuple
         model_status = h.modelStatusToString(h.getModelStatus()).lower()
         if "infeasible" in model_status:
             return "infeasible", math.inf, "highs"
+        if h.getInfo().primal_solution_status != _HIGHS_FEASIBLE:
+            return "no_solution", math.inf, "highs"
         gap = h.getInfo().mip_gap
-        status = "time_limit" if "time limit" in model_status else "optimal"
+        status = "optimal" if model_status == "optimal" else "time_limit"
         return status, (0.0 if status == "optimal" or gap > 1e30 else float(gap)), "highs"
     prob.solve(pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s))
     st = pulp.LpStatus[prob.status].lower()
     if st == "infeasible":
         return "infeasible", math.inf, "cbc"
+    if prob.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
+        return "no_solution", math.inf, "cbc"
     return ("optimal" if st == "optimal" else "time_limit"), 0.0, "cbc"
+
+
+#: HiGHS's ``primal_solution_status`` when it holds a feasible solution (``kSolutionStatusFeasible``)
+_HIGHS_FEASIBLE = 2
 
 
 def brute_force(g: StrategyGraph) -> Solution:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from autopar import make_plan
+from autopar import SolverTimeLimitError, make_plan
 from autopar.cost.hardware import get_hardware
 from autopar.models import MLP
 from autopar.solver.graph import build
@@ -104,3 +104,14 @@ def test_time_limit_returns_a_plan_and_reports_status():
     plan = make_plan(model, inputs, (2, 2), gpu="cpu", time_limit_s=30)
     assert plan.solver["status"] in ("optimal", "time_limit")
     assert plan.solver["gap"] >= 0.0
+
+
+def test_a_time_limit_that_finds_no_plan_raises_instead_of_making_one_up():
+    """With no time to find any plan, the variables' values mean nothing: planning stops with an
+    error that names the limit, with or without a budget (whose time-only relaxation runs first)."""
+    with torch.device("meta"):
+        model = MLP(256, 1024)
+        inputs = (torch.randn(8, 256), torch.randn(8, 256))
+    for budget in (None, "1GiB"):
+        with pytest.raises(SolverTimeLimitError, match=r"found no plan .*time_limit_s=0\b"):
+            make_plan(model, inputs, (2, 2), gpu="cpu", time_limit_s=0, memory_budget=budget)
