@@ -147,6 +147,10 @@ def _op_call(task: OpTask, mesh: DeviceMesh) -> tuple[Callable[[], object], list
         return t
 
     args, kwargs = fx.node.map_arg((node.args, node.kwargs), make)
+    # an op that makes a tensor (arange, to) on the device the model was traced on (often meta)
+    # makes it on the mesh's device instead
+    here = torch.device(mesh.device_type)
+    args, kwargs = fx.node.map_aggregate((args, kwargs), lambda a: here if isinstance(a, torch.device) else a)
     if runs_locally(node):
         return (lambda: local_call(node.target, short(s.out), *args, **kwargs)), leaves
     return (lambda: node.target(*args, **kwargs)), leaves
@@ -344,7 +348,9 @@ def profile_model(
 ) -> dict:
     """Measure what plans of ``model`` on ``mesh`` price, on this mesh's devices, and merge it
     into the database at ``db`` (rank 0 writes). Every rank calls it with the same model and
-    inputs. Returns :meth:`ProfileRun.summary` (tracing included in its phases)."""
+    inputs, which may be on the meta device: the ops are timed on inputs of random values made
+    from the graph's shapes, so the weights are never read. Returns :meth:`ProfileRun.summary`
+    (tracing included in its phases)."""
     from autopar.api import param_dtype
 
     t0 = time.perf_counter()

@@ -38,17 +38,19 @@ MESH = (2, 2)
 TOL = 1e-5
 
 
-def _gpt():
+def _gpt(device: str = "cpu"):
     torch.manual_seed(0)
-    cfg = GPTConfig(vocab=128, max_seq=16, hidden=32, heads=4, layers=2, qkv_bias=False)
-    ids = torch.randint(0, 128, (4, 16))
-    return GPT(cfg), {"input_ids": ids, "labels": torch.randint(0, 128, (4, 16))}
+    with torch.device(device):
+        cfg = GPTConfig(vocab=128, max_seq=16, hidden=32, heads=4, layers=2, qkv_bias=False)
+        ids = torch.randint(0, 128, (4, 16))
+        return GPT(cfg), {"input_ids": ids, "labels": torch.randint(0, 128, (4, 16))}
 
 
 def check_profile(db: str) -> dict:
     model, inputs = _gpt()
     mesh = init_device_mesh("cpu", MESH)
-    summary = profile_model(model, inputs, mesh, db, repeats=1)
+    # profiled as `autopar profile` does it, built on the meta device (no weights)
+    summary = profile_model(*_gpt("meta"), mesh, db, repeats=1)
     data = json.loads(Path(db).read_text())
     ref = copy.deepcopy(model)
     pm = autoparallelize(model, (), mesh, example_kwargs=inputs, gpu="cpu", profile=db)
@@ -62,6 +64,7 @@ def check_profile(db: str) -> dict:
         "summary": summary,
         "core_share": core_share(mesh),
         "kept": _kept_over_ranks(inputs, mesh),
+        "made_on": _made_on(mesh),
         "slowest": slowest([float(dist.get_rank())], torch.device("cpu")),
         "db": data,
         "costs": plan.costs,
@@ -86,6 +89,15 @@ def _kept_over_ranks(inputs: dict, mesh) -> tuple[float, float]:
     return entry["forward_s"], entry["backward_s"]
 
 
+def _made_on(mesh) -> list[str]:
+    """Where the profiler's call of each op of a meta-built model that makes a tensor on a
+    device of its own (``arange(..., device=meta)``) makes it."""
+    model, inputs = _gpt("meta")
+    tasks = op_tasks(trace(model, (), inputs), MESH)
+    made = [t for t in tasks if any(isinstance(a, torch.device) for a in t.node.kwargs.values())]
+    return [str(profiler._op_call(t, mesh)[0]().device) for t in made]
+
+
 def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
@@ -104,6 +116,11 @@ def test_each_distinct_signature_is_measured_once(results):
     assert set(ops) == {t.signature for t in tasks}
     assert all(e["forward_s"] > 0 for e in ops.values())
     assert all((e["backward_s"] is None) == (not t.requires_grad) for t in tasks for e in [ops[t.signature]])
+
+
+def test_a_meta_built_model_is_measured_on_the_mesh_device(results):
+    """Its ops that make tensors run on the CPU mesh, not on meta (where they would cost nothing)."""
+    assert results["made_on"] and set(results["made_on"]) == {"cpu"}
 
 
 def test_every_layout_change_is_fitted_on_both_axes(results):
