@@ -26,6 +26,7 @@ mostly waiting, which takes no CPU time).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import statistics
@@ -351,11 +352,26 @@ def profile_model(
     inputs, which may be on the meta device: the ops are timed on inputs of random values made
     from the graph's shapes, so the weights are never read. Returns :meth:`ProfileRun.summary`
     (tracing included in its phases)."""
+    traced, trace_s = _trace(model, example_kwargs, mixed_precision)
+    return _profile_traced(traced, trace_s, mesh, db, repeats, progress)
+
+
+def _trace(model: torch.nn.Module, example_kwargs: dict, mixed_precision: str | None) -> tuple[Traced, float]:
     from autopar.api import param_dtype
 
     t0 = time.perf_counter()
     traced = trace(model, (), example_kwargs, param_dtype(mixed_precision))
-    trace_s = time.perf_counter() - t0
+    return traced, time.perf_counter() - t0
+
+
+def _profile_traced(
+    traced: Traced,
+    trace_s: float,
+    mesh: DeviceMesh,
+    db: str,
+    repeats: int,
+    progress: Callable[[str], None] | None,
+) -> dict:
     run = profile(traced, mesh, repeats=repeats, progress=progress)
     run.phases_s = {"trace_s": trace_s, **run.phases_s}
     if dist.get_rank() == 0:
@@ -365,7 +381,7 @@ def profile_model(
                 f"this host's speed moved by {run.speed_spread:.0%} while profiling (a fixed workload's "
                 "time, 90th percentile over 10th): the measured prices carry noise of that order. "
                 "Profile again when the host is quieter for steadier prices.",
-                stacklevel=2,
+                stacklevel=3,
             )
     dist.barrier()
     return run.summary()
@@ -381,16 +397,18 @@ def profile_local(
     mixed_precision: str | None = None,
     progress: bool = False,
 ) -> dict:
-    """:func:`profile_model` on a mesh of local CPU processes (gloo); ``build(*build_args)``
-    makes the model and its inputs on every rank."""
+    """:func:`profile_model` on a mesh of local CPU processes (gloo). ``build(*build_args)``
+    makes the model and its inputs (on the meta device: a profile needs no weights), which
+    are built and traced once, before the ranks start (``run_gloo``'s ``prepare``)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp, "summary.json")
         try:
             run_gloo(
                 _profile_rank,
-                (build, build_args, tuple(mesh_shape), db, repeats, mixed_precision, progress, str(out)),
+                (tuple(mesh_shape), db, repeats, progress, str(out)),
                 world_size=math.prod(mesh_shape),
                 timeout_s=1200,
+                prepare=functools.partial(_build_and_trace, build, build_args, mixed_precision),
             )
         except RuntimeError as exc:
             raise AutoparError(
@@ -399,28 +417,22 @@ def profile_local(
         return json.loads(out.read_text())
 
 
+def _build_and_trace(build: Callable, build_args: tuple, mixed_precision: str | None) -> tuple[Traced, float]:
+    torch.manual_seed(0)
+    model, kwargs = build(*build_args)
+    return _trace(model, kwargs, mixed_precision)
+
+
 def _profile_rank(
-    rank: int,
-    build: Callable,
-    build_args: tuple,
-    mesh_shape: tuple,
-    db: str,
-    repeats: int,
-    mixed_precision: str | None,
-    show: bool,
-    out: str,
+    rank: int, prepared: tuple[Traced, float], mesh_shape: tuple, db: str, repeats: int, show: bool, out: str
 ) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
     from autopar.progress import Progress
 
-    torch.manual_seed(0)
-    model, kwargs = build(*build_args)
     mesh = init_device_mesh("cpu", mesh_shape)
     bar = Progress() if show and rank == 0 else None
-    summary = profile_model(
-        model, kwargs, mesh, db, repeats=repeats, mixed_precision=mixed_precision, progress=bar
-    )
+    summary = _profile_traced(*prepared, mesh, db, repeats, bar)
     if bar is not None:
         bar.done()
     if rank == 0:

@@ -17,6 +17,7 @@ import datetime
 import logging
 import os
 import platform
+import signal
 import sys
 import tempfile
 import traceback
@@ -28,17 +29,58 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def run_gloo(fn: Callable[..., None], args: tuple = (), world_size: int = 4, timeout_s: int = 120) -> None:
-    """Call ``fn(rank, *args)`` on ``world_size`` CPU processes sharing a gloo process group."""
+def run_gloo(
+    fn: Callable[..., None],
+    args: tuple = (),
+    world_size: int = 4,
+    timeout_s: int = 120,
+    prepare: Callable[[], object] | None = None,
+) -> None:
+    """Call ``fn(rank, *args)`` on ``world_size`` CPU processes sharing a gloo process group;
+    with ``prepare``, ``fn(rank, prepare(), *args)``.
+
+    The ranks are forked from one launcher process, itself started fresh (``spawn``: no
+    state of the caller, no threads): it imports what ``fn`` and ``args`` need once and calls
+    ``prepare`` once (work every rank would repeat: building and tracing a model), and every
+    rank starts with what it did. On a 2-core host, four processes each importing torch and
+    autopar took 10 s before the first rank could start, then 7 s more each importing
+    transformers to build GPT-2, and 8 s tracing it at once."""
     with tempfile.TemporaryDirectory() as tmp:
         try:
             mp.start_processes(
-                _worker, args=(fn, args, tmp, world_size, timeout_s), nprocs=world_size, start_method="spawn"
+                _launch, args=(fn, args, prepare, tmp, world_size, timeout_s), nprocs=1, start_method="spawn"
             )
         except Exception as exc:
             errors = sorted(Path(tmp).glob("error*.txt"))
             detail = errors[0].read_text() if errors else str(exc)
             raise RuntimeError(f"a rank failed:\n{detail}") from None
+
+
+def _launch(
+    _: int, fn: Callable, args: tuple, prepare: Callable | None, tmp: str, world: int, timeout_s: int
+) -> None:
+    """Fork the ranks and wait for them; when one fails, end the others (they would wait for
+    it in a collective until the timeout) and fail."""
+    if prepare is not None:
+        args = (prepare(), *args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    ranks = {}
+    for rank in range(world):
+        pid = os.fork()
+        if pid == 0:
+            _worker(rank, fn, args, tmp, world, timeout_s)  # never returns
+        ranks[pid] = rank
+    failed = []
+    while ranks:
+        pid, status = os.wait()
+        rank = ranks.pop(pid)
+        if os.waitstatus_to_exitcode(status) != 0:
+            failed.append(rank)
+            for other in ranks:
+                os.kill(other, signal.SIGKILL)
+    if failed:
+        raise RuntimeError(f"rank {failed[0]} failed (exit status in {tmp})")
 
 
 #: glibc ``mallopt`` parameters and the values a worker sets (the defaults adapt to the
