@@ -6,7 +6,10 @@ machine's cores, and more threads than cores makes every timing and every collec
 latency erratic. Each worker keeps the memory it frees for reuse (``_keep_freed_memory``).
 Each worker ends with barrier, ``destroy_process_group``, flushed output and ``os._exit``:
 gloo processes can abort at interpreter exit otherwise. A failing rank's traceback is
-raised in the parent.
+raised in the parent (the first to fail: the others' collectives fail after it), and the
+other ranks are ended at once (one still at work would run on to its end). The workers are
+forked from one launcher process (``run_gloo``), so this module works only where ``os.fork``
+does (Linux, macOS).
 """
 
 from __future__ import annotations
@@ -51,7 +54,8 @@ def run_gloo(
                 _launch, args=(fn, args, prepare, tmp, world_size, timeout_s), nprocs=1, start_method="spawn"
             )
         except Exception as exc:
-            errors = sorted(Path(tmp).glob("error*.txt"))
+            # the first rank to fail: the others may fail after it (a collective's peer gone)
+            errors = sorted(Path(tmp).glob("error*.txt"), key=lambda p: p.stat().st_mtime_ns)
             detail = errors[0].read_text() if errors else str(exc)
             raise RuntimeError(f"a rank failed:\n{detail}") from None
 
@@ -59,8 +63,7 @@ def run_gloo(
 def _launch(
     _: int, fn: Callable, args: tuple, prepare: Callable | None, tmp: str, world: int, timeout_s: int
 ) -> None:
-    """Fork the ranks and wait for them; when one fails, end the others (they would wait for
-    it in a collective until the timeout) and fail."""
+    """Fork the ranks and wait for them; when one fails, end the others and fail."""
     if prepare is not None:
         args = (prepare(), *args)
     sys.stdout.flush()
