@@ -28,7 +28,12 @@ class InfeasibleBudgetError(AutoparError):
 
 
 class SolverTimeLimitError(AutoparError):
-    """The ILP's time limit ran out before the solver found any plan (none is made up)."""
+    """The ILP's time limit ran out before the solver found any plan (none is made up).
+    ``n_vars``: the size of the problem it was given."""
+
+    def __init__(self, message: str, n_vars: int) -> None:
+        super().__init__(message)
+        self.n_vars = n_vars
 
 
 class StalePlanError(AutoparError):

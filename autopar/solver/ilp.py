@@ -160,7 +160,10 @@ def solve(
     relaxation, in the module docstring)."""
     t0, limit_s = time.perf_counter(), time_limit_s
     if memory_budget_bytes is not None and objective == "time":
-        free = solve(g, time_limit_s=time_limit_s, solver=solver)
+        try:
+            free = solve(g, time_limit_s=time_limit_s, solver=solver)
+        except SolverTimeLimitError as exc:
+            raise _no_plan(exc.n_vars, g, memory_budget_bytes, limit_s) from None
         if free.memory["peak_bytes"] <= memory_budget_bytes:
             return free
         if time_limit_s is not None:
@@ -190,11 +193,7 @@ def solve(
     n_vars = len(prob.variables())
     status, gap, name = _run(prob, solver, time_limit_s)
     if status == "no_solution":
-        budget = "" if memory_budget_bytes is None else f" under memory_budget={memory_budget_bytes} bytes"
-        raise SolverTimeLimitError(
-            f"the ILP ({n_vars} variables) found no plan for mesh {g.mesh_shape}{budget} within "
-            f"time_limit_s={limit_s}: raise time_limit_s, or leave it unset to solve to the optimum"
-        )
+        raise _no_plan(n_vars, g, memory_budget_bytes, limit_s)
     if status == "infeasible" and memory_budget_bytes is not None:
         need = solve(g, objective="memory", solver=solver, time_limit_s=time_limit_s).memory["peak_bytes"]
         raise InfeasibleBudgetError(
@@ -212,6 +211,15 @@ def solve(
     sol.recomputed, sol.memory = recomputed, mm.evaluate(choice, recomputed)
     sol.recomputed_nodes = {n: s.name for s in mm.segments if s.name in recomputed for n in s.nodes}
     return sol
+
+
+def _no_plan(n_vars: int, g: StrategyGraph, budget_bytes: int | None, limit_s: float | None):
+    budget = "" if budget_bytes is None else f" under memory_budget={budget_bytes} bytes"
+    return SolverTimeLimitError(
+        f"the ILP ({n_vars} variables) found no plan for mesh {g.mesh_shape}{budget} within "
+        f"time_limit_s={limit_s}: raise time_limit_s, or leave it unset to solve to the optimum",
+        n_vars,
+    )
 
 
 def recompute_time_s(mm: MemoryModel, choice: dict[str, int], recomputed: set) -> float:
@@ -301,13 +309,15 @@ def _run(prob: pulp.LpProblem, solver: str, time_limit_s: float | None) -> tuple
     """(status, gap, solver name). ``no_solution``: the time limit ran out before any plan was
     found, and the variables' values mean nothing."""
     if solver == "highs" and pulp.HiGHS().available():
+        import highspy  # present: pulp's HiGHS is available
+
         with _quiet_stdout():
             prob.solve(pulp.HiGHS(msg=False, timeLimit=time_limit_s))
         h = prob.solverModel
         model_status = h.modelStatusToString(h.getModelStatus()).lower()
         if "infeasible" in model_status:
             return "infeasible", math.inf, "highs"
-        if h.getInfo().primal_solution_status != _HIGHS_FEASIBLE:
+        if h.getInfo().primal_solution_status != highspy.SolutionStatus.kSolutionStatusFeasible:
             return "no_solution", math.inf, "highs"
         gap = h.getInfo().mip_gap
         status = "optimal" if model_status == "optimal" else "time_limit"
@@ -319,10 +329,6 @@ def _run(prob: pulp.LpProblem, solver: str, time_limit_s: float | None) -> tuple
     if prob.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
         return "no_solution", math.inf, "cbc"
     return ("optimal" if st == "optimal" else "time_limit"), 0.0, "cbc"
-
-
-#: HiGHS's ``primal_solution_status`` when it holds a feasible solution (``kSolutionStatusFeasible``)
-_HIGHS_FEASIBLE = 2
 
 
 def brute_force(g: StrategyGraph) -> Solution:
