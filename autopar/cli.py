@@ -275,6 +275,7 @@ def _profile(args: argparse.Namespace) -> int:
             repeats=args.repeats,
             mixed_precision=args.mixed_precision,
             progress=True,
+            start_method="fork",  # this process has only imported: its copy need not import again
         )
         progress = None
     if progress is not None:

@@ -396,10 +396,13 @@ def profile_local(
     repeats: int = 3,
     mixed_precision: str | None = None,
     progress: bool = False,
+    start_method: str = "spawn",
 ) -> dict:
     """:func:`profile_model` on a mesh of local CPU processes (gloo). ``build(*build_args)``
     makes the model and its inputs (on the meta device: a profile needs no weights), which
-    are built and traced once, before the ranks start (``run_gloo``'s ``prepare``)."""
+    are built and traced once, before the ranks start (``run_gloo``'s ``prepare``).
+    ``start_method``: how ``run_gloo`` starts its launcher (``fork`` only from a process that
+    has done nothing but import, as the CLI)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp, "summary.json")
         try:
@@ -409,6 +412,7 @@ def profile_local(
                 world_size=math.prod(mesh_shape),
                 timeout_s=1200,
                 prepare=functools.partial(_build_and_trace, build, build_args, mixed_precision),
+                start_method=start_method,
             )
         except RuntimeError as exc:
             raise AutoparError(
