@@ -75,14 +75,17 @@ def autoparallelize(
     mixed_precision: str | None = None,
     profile: str | None = None,
     kernels: str = "auto",
+    time_limit_s: float | None = None,
 ) -> nn.Module:
     """Trace, plan (or check ``plan``), and emit the distributed module for this rank.
 
     Every rank calls this with the same model and inputs and traces it; rank 0 plans and sends
-    the plan to all (as JSON), so all apply one plan. A planning error on rank 0 is raised on
-    every rank. The returned module's parameters are DTensors with the original names; call it
-    with the same global inputs on every rank. With ``mixed_precision`` (or a plan made with
-    it) the parameters stay in the model's dtype and are cast for compute.
+    the plan to all (as JSON), so all apply one plan (with ``time_limit_s``, the best plan rank
+    0 found in that time, as in :func:`make_plan`). A planning error on rank 0 is raised on
+    every rank, with its fields (``min_budget_bytes``, ...). The returned module's parameters
+    are DTensors with the original names; call it with the same global inputs on every rank.
+    With ``mixed_precision`` (or a plan made with it) the parameters stay in the model's dtype
+    and are cast for compute.
     """
     if plan is not None and mixed_precision is not None and (mixed_precision or "") != plan.mixed_precision:
         raise errors.AutoparError(
@@ -100,6 +103,7 @@ def autoparallelize(
                 gpu=gpu or ("cpu" if device_mesh.device_type == "cpu" else "h100"),
                 memory_budget=memory_budget,
                 strategy=strategy,
+                time_limit_s=time_limit_s,
                 mixed_precision=precision or "",
                 profile=profile,
                 kernels=kernels,
@@ -132,10 +136,13 @@ def _plan_on_rank0(make: Callable[[], Plan], mesh: DeviceMesh) -> Plan:
             data = make().to_json().encode()
         except Exception as exc:  # every rank must hear of it, or they wait forever
             failure = exc
-            kind = type(exc).__name__ if isinstance(exc, errors.AutoparError) else "AutoparError"
-            error = {"error_type": kind, "message": f"planning failed on rank 0: {exc}"}
-            if isinstance(exc, errors.InfeasibleBudgetError):
-                error["min_budget_bytes"] = exc.min_budget_bytes
+            ours = isinstance(exc, errors.AutoparError) and hasattr(errors, type(exc).__name__)
+            error = {
+                "error_type": type(exc).__name__ if ours else "AutoparError",
+                "message": f"planning failed on rank 0: {exc}",
+                # min_budget_bytes, n_vars (not add_note's __notes__)
+                "fields": {k: v for k, v in vars(exc).items() if not k.startswith("_")} if ours else {},
+            }
             data = json.dumps(error).encode()
     device = mesh.device_type
     size = torch.tensor([len(data)], dtype=torch.int64, device=device)
@@ -149,7 +156,5 @@ def _plan_on_rank0(make: Callable[[], Plan], mesh: DeviceMesh) -> Plan:
     text = bytes(buf.cpu().tolist()).decode()
     payload = json.loads(text)
     if "error_type" in payload:
-        if "min_budget_bytes" in payload:
-            raise errors.InfeasibleBudgetError(payload["message"], payload["min_budget_bytes"])
-        raise getattr(errors, payload["error_type"], errors.AutoparError)(payload["message"])
+        raise getattr(errors, payload["error_type"])(payload["message"], **payload["fields"])
     return Plan.from_json(text)

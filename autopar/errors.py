@@ -1,4 +1,8 @@
-"""Errors raised for bad input. Every message names the node, op or dimension and what to do."""
+"""Errors raised for bad input. Every message names the node, op or dimension and what to do.
+
+An error's fields are numbers, taken by its constructor as keywords named as the attributes:
+``autoparallelize`` sends a planning error from rank 0 to every rank as JSON and makes it again.
+"""
 
 from __future__ import annotations
 

@@ -7,7 +7,9 @@ halfway between the free plan's peak and the smallest plan's, and 5% above the s
 AdamW step; ``runtime.measure``: the CPU allocator's running total under ``torch.profiler``,
 a warm-up step first, the smallest of five steps) is within 10% of
 ``plan.peak_memory_bytes``. With the blocks recomputed, the loss and every gradient match
-the single-device model within 1e-5, and so do the parameters after one SGD step.
+the single-device model within 1e-5, and so do the parameters after one SGD step. A
+planning error on rank 0 (a budget under the smallest plan, a solver time limit with no plan)
+is raised on every rank as the same error with the same fields.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
 from autopar import autoparallelize, make_plan
-from autopar.errors import InfeasibleBudgetError
+from autopar.errors import AutoparError, InfeasibleBudgetError
 from autopar.models import zoo
 from autopar.passes.recompute import Checkpointed
 from autopar.runtime.measure import live_bytes, step_peak_bytes
@@ -45,7 +47,7 @@ def _budgets(name: str) -> dict[str, int | None]:
         make_plan(model, (), (2, 2), example_kwargs=inputs, gpu="cpu", memory_budget=1)
     except InfeasibleBudgetError as exc:
         least = exc.min_budget_bytes
-    return {"none": None, "half": (free + least) // 2, "near-min": int(least * 1.05)}
+    return {"none": None, "half": (free + least) // 2, "near-min": int(least * 1.05), "min": least}
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -102,14 +104,30 @@ def _errors(model, inputs, mesh, plan) -> dict:
     return {"loss_err": loss_err, "grad_err": grad_err, "step_err": step_err}
 
 
+def _planning_errors() -> list[dict]:
+    """What ``autoparallelize`` raises on this rank when rank 0's planning fails."""
+    model, inputs = _model(MODELS[0])
+    mesh = init_device_mesh("cpu", (2, 2))
+    seen = []
+    for options in ({"memory_budget": 1}, {"memory_budget": 1, "time_limit_s": 0}):
+        try:
+            autoparallelize(model, (), mesh, example_kwargs=inputs, gpu="cpu", **options)
+        except AutoparError as exc:
+            seen.append({"type": type(exc).__name__, "fields": vars(exc), "message": str(exc)})
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, seen)
+    return everyone
+
+
 def check_memory(budgets: dict) -> dict:
-    return {f"{n}/{b}": _case(n, budgets[n][b]) for n in MODELS for b in BUDGETS}
+    results = {f"{n}/{b}": _case(n, budgets[n][b]) for n in MODELS for b in BUDGETS}
+    return {**results, "errors": _planning_errors()}
 
 
 @pytest.fixture(scope="module")
 def results() -> dict:
     budgets = {n: _budgets(n) for n in MODELS}
-    return run_on_mesh(functools.partial(check_memory, budgets))
+    return {"budgets": budgets, **run_on_mesh(functools.partial(check_memory, budgets))}
 
 
 CASES = [f"{n}/{b}" for n in MODELS for b in BUDGETS]
@@ -136,3 +154,15 @@ def test_smallest_budget_recomputes_blocks(results, name):
     assert tight["recompute"] and tight["checkpointed"] >= len(tight["recompute"])
     assert tight["recompute"][0].endswith(".0")
     assert tight["predicted"] < 0.5 * free["predicted"]
+
+
+def test_a_planning_error_is_raised_on_every_rank_with_its_fields(results):
+    least = results["budgets"][MODELS[0]]["min"]  # the smallest budget, planned in this process
+    n_vars = set()
+    for budget, limit in results["errors"]:  # each rank's
+        assert budget["type"] == "InfeasibleBudgetError" and "memory_budget=1 " in budget["message"]
+        assert budget["fields"] == {"min_budget_bytes": least}
+        assert limit["type"] == "SolverTimeLimitError" and "time_limit_s=0" in limit["message"]
+        assert set(limit["fields"]) == {"n_vars"}
+        n_vars.add(limit["fields"]["n_vars"])
+    assert len(n_vars) == 1 and n_vars.pop() > 0
