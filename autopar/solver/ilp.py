@@ -79,6 +79,7 @@ import pulp
 
 from autopar.errors import InfeasibleBudgetError, SolverTimeLimitError
 from autopar.solver.graph import EdgeUse, StrategyGraph, edge_key, grad_spec
+from autopar.solver.linear import weighted_sum
 from autopar.solver.memory import MemoryModel, build_memory_model, copy_bytes, value
 
 
@@ -186,7 +187,7 @@ def solve(
         if memory_budget_bytes is not None:
             prob += peak <= memory_budget_bytes / mm.unit_bytes, "memory_budget"
     if objective == "time":
-        terms.append(pulp.lpSum(c * v for d in x for c, v in zip(cost[d], x[d])))
+        terms.append(weighted_sum((c, v) for d in x for c, v in zip(cost[d], x[d])))
         for e, weight in distinct_edges(g):
             terms.append(edges.time_s(e, weight))
     prob += pulp.lpSum(terms)
@@ -272,13 +273,17 @@ class _Transport:
 
     def time_s(self, e: EdgeUse, weight: int):
         pairs, cost = self.pairs(e)
-        return pulp.lpSum(weight * cost[(a, b)] * v for a, b, v in pairs if cost[(a, b)] > 0)
+        return weighted_sum((weight * cost[(a, b)], v) for a, b, v in pairs if cost[(a, b)] > 0)
 
     def copy_bytes(self, e: EdgeUse, scale: float):
         """Bytes of the resharded copy ``e``'s consumer keeps for backward (times ``scale``)."""
         pairs, _ = self.pairs(e)
         src = self.g.nodes[e.src]
-        return pulp.lpSum(scale * copy_bytes(self.g, src, a, b[0]) * v for a, b, v in pairs if a != b[0])
+        size: dict = {}  # bytes of the copy in the layout read (whatever the layout it came in)
+        for a, b, _ in pairs:
+            if a != b[0] and b[0] not in size:
+                size[b[0]] = copy_bytes(self.g, src, a, b[0])
+        return weighted_sum((scale * size[b[0]], v) for a, b, v in pairs if a != b[0])
 
 
 def _grouped(group_of: list, keys: list, x: list) -> list[list]:

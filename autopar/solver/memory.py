@@ -50,6 +50,7 @@ from autopar.cost.memory import Saved, saved_for_backward
 from autopar.cost.pricing import out_bytes
 from autopar.solver import fusion
 from autopar.solver.graph import EdgeUse, NodeChoices, StrategyGraph, master_itemsize, node_inputs, split_axes
+from autopar.solver.linear import weighted_sum
 from autopar.solver.repeats import Repeats, find_repeats
 from autopar.solver.rules.base import tensor_args
 from autopar.solver.rules.elementwise import INPLACE
@@ -130,10 +131,16 @@ class MemoryModel:
         u = self.unit_bytes
 
         def lin(e: Expr, scale: float = 1.0 / u):
-            return pulp.lpSum(c * scale * x[d][j] for d, vec in e.items() for j, c in enumerate(vec) if c)
+            return weighted_sum((c * scale, x[d][j]) for d, vec in e.items() for j, c in enumerate(vec) if c)
 
-        def saved(s: Segment):
-            return lin(s.saved) + pulp.lpSum(edge_copies(e, 1.0 / u) for e in s.reshard_edges)
+        saved_by_segment: dict[int, pulp.LpAffineExpression] = {}
+
+        def saved(k: int):
+            if k not in saved_by_segment:
+                s = self.segments[k]
+                terms = [(1.0, lin(s.saved))] + [(1.0, edge_copies(e, 1.0 / u)) for e in s.reshard_edges]
+                saved_by_segment[k] = weighted_sum(terms)
+            return saved_by_segment[k]
 
         def saved_upper(s: Segment) -> float:
             g = self.g
@@ -149,10 +156,10 @@ class MemoryModel:
         kept = []
         for k, s in enumerate(self.segments):
             if s.block_class is None:
-                kept.append(saved(s))
+                kept.append(saved(k))
                 continue
             v = pulp.LpVariable(f"kept_{k}", lowBound=0)
-            prob += v >= saved(s) - saved_upper(s) / u * rc[k], f"kept_saved_{k}"
+            prob += v >= saved(k) - saved_upper(s) / u * rc[k], f"kept_saved_{k}"
             prob += v >= lin(s.inputs), f"kept_inputs_{k}"
             kept.append(v)
         time_terms = []
@@ -186,7 +193,7 @@ class MemoryModel:
         for k, s in enumerate(self.segments):
             copies = {identity(e): e for e in s.copy_edges}
             t_k = temps[(tuple(sorted(s.transients)), tuple(sorted(copies, key=repr)))]
-            prob += peak >= resident + after[k] + before[k] + saved(s) + t_k, f"liveness_{k}"
+            prob += peak >= resident + after[k] + before[k] + saved(k) + t_k, f"liveness_{k}"
         prob += peak >= resident + after[0], "optimizer_step"
         return peak, rc, time_terms
 
