@@ -214,7 +214,9 @@ def solve(
     return sol
 
 
-def _no_plan(n_vars: int, g: StrategyGraph, budget_bytes: int | None, limit_s: float | None):
+def _no_plan(
+    n_vars: int, g: StrategyGraph, budget_bytes: int | None, limit_s: float | None
+) -> SolverTimeLimitError:
     budget = "" if budget_bytes is None else f" under memory_budget={budget_bytes} bytes"
     return SolverTimeLimitError(
         f"the ILP ({n_vars} variables) found no plan for mesh {g.mesh_shape}{budget} within "
