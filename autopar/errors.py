@@ -40,6 +40,10 @@ class SolverTimeLimitError(AutoparError):
         self.n_vars = n_vars
 
 
+class ProfileError(AutoparError):
+    """A profile database that cannot be read or does not fit the plan asked for."""
+
+
 class StalePlanError(AutoparError):
     """A saved plan was made for another graph, mesh or format version."""
 

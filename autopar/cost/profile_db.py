@@ -41,7 +41,7 @@ import torch.fx as fx
 from autopar.cost.comm import MOVE_KINDS
 from autopar.cost.compute import roofline_s
 from autopar.cost.hardware import Hardware, Link
-from autopar.errors import AutoparError
+from autopar.errors import ProfileError
 from autopar.solver.specs import Spec, local_shape
 
 #: 2: ops run, and are timed, on local shards (format 1 timed most through DTensor's dispatcher);
@@ -52,10 +52,6 @@ from autopar.solver.specs import Spec, local_shape
 #: 6: on a CPU host with more ranks than cores, the local layout steps count CPU time as the
 #: ops do (format 5 read their wall time, mostly of calls no other rank interrupted)
 FORMAT = 6
-
-
-class ProfileError(AutoparError):
-    """A profile database that cannot be read or does not fit the plan asked for."""
 
 
 def device_key(device: str) -> str:

@@ -8,8 +8,8 @@ AdamW step; ``runtime.measure``: the CPU allocator's running total under ``torch
 a warm-up step first, the smallest of five steps) is within 10% of
 ``plan.peak_memory_bytes``. With the blocks recomputed, the loss and every gradient match
 the single-device model within 1e-5, and so do the parameters after one SGD step. A
-planning error on rank 0 (a budget under the smallest plan, a solver time limit with no plan)
-is raised on every rank as the same error with the same fields.
+planning error on rank 0 (a budget under the smallest plan, a solver time limit with no plan,
+a missing profile database) is raised on every rank as the same error with the same fields.
 """
 
 from __future__ import annotations
@@ -109,7 +109,8 @@ def _planning_errors() -> list[dict]:
     model, inputs = _model(MODELS[0])
     mesh = init_device_mesh("cpu", (2, 2))
     seen = []
-    for options in ({"memory_budget": 1}, {"memory_budget": 1, "time_limit_s": 0}):
+    cases = ({"memory_budget": 1}, {"memory_budget": 1, "time_limit_s": 0}, {"profile": "/no/such.json"})
+    for options in cases:
         try:
             autoparallelize(model, (), mesh, example_kwargs=inputs, gpu="cpu", **options)
         except AutoparError as exc:
@@ -159,10 +160,11 @@ def test_smallest_budget_recomputes_blocks(results, name):
 def test_a_planning_error_is_raised_on_every_rank_with_its_fields(results):
     least = results["budgets"][MODELS[0]]["min"]  # the smallest budget, planned in this process
     n_vars = set()
-    for budget, limit in results["errors"]:  # each rank's
+    for budget, limit, profile in results["errors"]:  # each rank's
         assert budget["type"] == "InfeasibleBudgetError" and "memory_budget=1 " in budget["message"]
         assert budget["fields"] == {"min_budget_bytes": least}
         assert limit["type"] == "SolverTimeLimitError" and "time_limit_s=0" in limit["message"]
         assert set(limit["fields"]) == {"n_vars"}
         n_vars.add(limit["fields"]["n_vars"])
+        assert profile["type"] == "ProfileError" and "/no/such.json" in profile["message"]
     assert len(n_vars) == 1 and n_vars.pop() > 0

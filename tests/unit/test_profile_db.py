@@ -13,11 +13,11 @@ import json
 import pytest
 import torch
 
-from autopar import make_plan
+from autopar import ProfileError, make_plan
 from autopar.cli import main
 from autopar.cost import profile_db
 from autopar.cost.comm import MOVE_KINDS
-from autopar.cost.profile_db import ProfileError, device_key, fit_alpha_beta, merge
+from autopar.cost.profile_db import device_key, fit_alpha_beta, merge
 from autopar.cost.profiler import op_tasks
 from autopar.models import GPT, GPTConfig
 from autopar.tracer import trace
