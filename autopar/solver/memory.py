@@ -133,14 +133,10 @@ class MemoryModel:
         def lin(e: Expr, scale: float = 1.0 / u):
             return weighted_sum((c * scale, x[d][j]) for d, vec in e.items() for j, c in enumerate(vec) if c)
 
-        saved_by_segment: dict[int, pulp.LpAffineExpression] = {}
-
-        def saved(k: int):
-            if k not in saved_by_segment:
-                s = self.segments[k]
-                terms = [(1.0, lin(s.saved))] + [(1.0, edge_copies(e, 1.0 / u)) for e in s.reshard_edges]
-                saved_by_segment[k] = weighted_sum(terms)
-            return saved_by_segment[k]
+        saved = [  # per segment: used by kept_saved and liveness
+            weighted_sum([(1.0, lin(s.saved))] + [(1.0, edge_copies(e, 1.0 / u)) for e in s.reshard_edges])
+            for s in self.segments
+        ]
 
         def saved_upper(s: Segment) -> float:
             g = self.g
@@ -156,10 +152,10 @@ class MemoryModel:
         kept = []
         for k, s in enumerate(self.segments):
             if s.block_class is None:
-                kept.append(saved(k))
+                kept.append(saved[k])
                 continue
             v = pulp.LpVariable(f"kept_{k}", lowBound=0)
-            prob += v >= saved(k) - saved_upper(s) / u * rc[k], f"kept_saved_{k}"
+            prob += v >= saved[k] - saved_upper(s) / u * rc[k], f"kept_saved_{k}"
             prob += v >= lin(s.inputs), f"kept_inputs_{k}"
             kept.append(v)
         time_terms = []
@@ -193,7 +189,7 @@ class MemoryModel:
         for k, s in enumerate(self.segments):
             copies = {identity(e): e for e in s.copy_edges}
             t_k = temps[(tuple(sorted(s.transients)), tuple(sorted(copies, key=repr)))]
-            prob += peak >= resident + after[k] + before[k] + saved(k) + t_k, f"liveness_{k}"
+            prob += peak >= resident + after[k] + before[k] + saved[k] + t_k, f"liveness_{k}"
         prob += peak >= resident + after[0], "optimizer_step"
         return peak, rc, time_terms
 
