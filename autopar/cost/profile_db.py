@@ -4,7 +4,7 @@
 file is JSON, keyed first by the *device key* (device name and torch version: another GPU or
 another torch is another key, so a stale entry is never read for the wrong machine)::
 
-    {"format": 5,
+    {"format": 6,
      "devices": {"<device> | torch <version>": {
         "ops": {"<signature>": {"forward_s", "backward_s" (null: no gradient), "flops", "bytes",
                                 "dtype"}},
@@ -18,15 +18,17 @@ dtype and whether it needs a gradient, and the mesh. Identical blocks of a model
 so they are measured once.
 
 A collective is priced ``alpha_s + s_per_byte * B`` on its mesh axis (``B`` as in
-``cost.comm``: the bytes of the local tensor at that step), fitted per axis and kind by
-least squares over the measured sweep. What was not measured is estimated: an op by its
-roofline (``cost.compute``) through ``t = overhead_s + roofline_s / efficiency``, both
-fitted on this device's measured ops (:meth:`Profile.fallback`); a collective of a kind or
-mesh not measured keeps the hardware table's alpha-beta link.
+``cost.comm``: the bytes of the local tensor at that step), fitted per axis and kind to the
+measured sweep (:func:`fit_alpha_beta`: the line of the smallest worst relative error).
+What was not measured is estimated: an op by its roofline (``cost.compute``) through
+``t = overhead_s + roofline_s / efficiency``, both fitted on this device's measured ops
+(:meth:`Profile.fallback`); a collective of a kind or mesh not measured keeps the hardware
+table's alpha-beta link.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -91,9 +93,63 @@ def op_signature(node: fx.Node, ins: Sequence[Spec], grads: Sequence[bool], mesh
 
 
 def fit_alpha_beta(sizes: Sequence[float], times: Sequence[float]) -> tuple[float, float]:
+    """``t = alpha + beta * size`` with ``alpha, beta >= 0`` whose largest *relative* error
+    over the samples, ``max |alpha + beta * size - t| / t``, is the smallest (the Chebyshev
+    line): a sweep spans orders of magnitude, a small message's time matters as much as a
+    large one's, and a price is judged by its worst size.
+
+    It is the linear program ``min e`` over ``alpha, beta, e`` subject to
+    ``-e <= (alpha + beta * size_i) / t_i - 1 <= e`` and ``alpha, beta >= 0``, whose optimum
+    lies where three of its constraints hold with equality; a sweep has a handful of sizes,
+    so every such triple is tried (on 6 sizes, 364)."""
+    if not sizes:
+        raise ValueError("no samples to fit")
+    scale = max(max(sizes), 1e-300)  # sizes in units of the largest: the 3x3 systems stay well scaled
+    rows = [(1.0 / max(t, 1e-12), x / scale / max(t, 1e-12)) for x, t in zip(sizes, times)]
+    # each constraint c_a * alpha + c_b * beta + c_e * e <= r, as (c_a, c_b, c_e, r)
+    bounds = [(a, b, -1.0, 1.0) for a, b in rows] + [(-a, -b, -1.0, -1.0) for a, b in rows]
+    bounds += [(-1.0, 0.0, 0.0, 0.0), (0.0, -1.0, 0.0, 0.0)]
+
+    def worst(alpha: float, beta: float) -> float:
+        return max(abs(alpha * a + beta * b - 1) for a, b in rows)
+
+    tol = 1e-9 * max(times)  # a zero computed as a rounding error below it
+    best = (math.inf, 0.0, 0.0)
+    for c in itertools.combinations(bounds, 3):
+        vertex = _solve3([r[:3] for r in c], [r[3] for r in c])
+        if vertex is not None and vertex[0] >= -tol and vertex[1] >= -tol:
+            alpha, beta = (v if v > 0 else 0.0 for v in vertex[:2])
+            err = worst(alpha, beta)
+            if err < best[0] * (1 - 1e-12):
+                best = (err, alpha, beta)
+    return best[1], best[2] / scale
+
+
+def _solve3(m: list[tuple[float, ...]], r: list[float]) -> tuple[float, float, float] | None:
+    """``m x = r`` for a 3x3 ``m`` by Cramer's rule; None when ``m`` is singular."""
+
+    def det(a: list[tuple[float, ...]]) -> float:
+        return (
+            a[0][0] * (a[1][1] * a[2][2] - a[1][2] * a[2][1])
+            - a[0][1] * (a[1][0] * a[2][2] - a[1][2] * a[2][0])
+            + a[0][2] * (a[1][0] * a[2][1] - a[1][1] * a[2][0])
+        )
+
+    d = det(m)
+    if abs(d) < 1e-12 * max(abs(v) for row in m for v in row) ** 3:
+        return None
+    cols = []
+    for j in range(3):
+        mj = [tuple(r[i] if k == j else row[k] for k in range(3)) for i, row in enumerate(m)]
+        cols.append(det(mj) / d)
+    return cols[0], cols[1], cols[2]
+
+
+def _relative_least_squares(sizes: Sequence[float], times: Sequence[float]) -> tuple[float, float]:
     """``t = alpha + beta * size`` with ``alpha, beta >= 0``, least squares of the *relative*
-    error (weights ``1 / t**2``): a sweep spans orders of magnitude, and a small message's
-    time matters as much as a large one's."""
+    error (weights ``1 / t**2``): the trend of many scattered samples spanning orders of
+    magnitude (the measured ops against their roofline), where the Chebyshev line would
+    follow the worst outliers and its search grows as the cube of the samples."""
     if not sizes:
         raise ValueError("no samples to fit")
     w = [1.0 / max(t, 1e-12) ** 2 for t in times]
@@ -152,7 +208,7 @@ class Profile:
             ys.append(e["forward_s"])
         if not xs:
             return 0.0, 1.0
-        overhead, slope = fit_alpha_beta(xs, ys)
+        overhead, slope = _relative_least_squares(xs, ys)
         return overhead, (1.0 / slope if slope > 0 else math.inf)
 
 

@@ -45,6 +45,8 @@ COMPUTE_BEFORE_COLLECTIVE_S = 0.002
 RECHECK_ABOVE = 0.10
 RECHECK_ROUNDS = 3
 RECHECK_CASES = 8
+#: a recheck is made again, against the line refitted, up to this many times in all
+RECHECK_PASSES = 3
 
 
 _MOVES = {  # kind -> (from, to) on the measured axis, and whether B is the gathered size
@@ -85,7 +87,9 @@ def profile_collectives(
 
     A size whose time strays more than ``RECHECK_ABOVE`` from its line's fit is measured over
     ``RECHECK_ROUNDS`` more rounds, taking turns with other cases picked at random
-    (``_fillers``), and its time is then the mean of the middle half of all its calls. What
+    (``_fillers``), and its time is then the mean of the middle half of all its calls; the
+    lines are fitted again, and what still strays is measured again, up to ``RECHECK_PASSES``
+    rechecks in all. What
     strays is a point's noise, not the line's shape: on the 2x2 CPU mesh, lines fitted to the
     mean of 6 sweeps' points came within 10% of every point, while one sweep's points spread
     by 3-13% (their coefficient of variation over the sweeps); more calls narrow it.
@@ -128,11 +132,14 @@ def profile_collectives(
     calls_s: list[list[float]] = [[] for _ in cases]
     last = _take_turns(cases, calls, list(range(len(cases))), range(rounds), calls_s, before)
     out = _lines(cases, rank_mean([interquartile_mean(c) for c in calls_s], device))
-    # the ranks agree on the strays (any rank's verdict counts)
-    stray = [i for i, s in enumerate(slowest([float(s) for s in _strays(cases, out)], device)) if s]
-    if stray:
-        subset = stray + _fillers(stray, calls, random.Random(rounds))
-        _take_turns(cases, calls, subset, range(rounds, rounds + RECHECK_ROUNDS), calls_s, before, last)
+    for recheck in range(RECHECK_PASSES):
+        # the ranks agree on the strays (any rank's verdict counts)
+        stray = [i for i, s in enumerate(slowest([float(s) for s in _strays(cases, out)], device)) if s]
+        if not stray:
+            break
+        subset = stray + _fillers(stray, calls, random.Random(rounds + recheck))
+        first = rounds + recheck * RECHECK_ROUNDS
+        last = _take_turns(cases, calls, subset, range(first, first + RECHECK_ROUNDS), calls_s, before, last)
         out = _lines(cases, rank_mean([interquartile_mean(c) for c in calls_s], device))
     return out
 

@@ -58,23 +58,24 @@ def _synthetic_db(path, skip: set[str] = frozenset()) -> list:
     return tasks
 
 
-def test_fit_recovers_a_line_and_weighs_relative_error():
+def test_fit_recovers_a_line_and_has_the_smallest_worst_relative_error():
     sizes = [1e3, 1e4, 1e5, 1e6]
     alpha, beta = fit_alpha_beta(sizes, [2e-3 + 3e-9 * x for x in sizes])
     assert alpha == pytest.approx(2e-3) and beta == pytest.approx(3e-9)
-    # noisy samples over four decades: the fit minimizes the squared *relative* errors, so it
-    # beats plain least squares (which follows the largest message) on that sum
-    times = [(2e-3 + 3e-9 * x) * f for x, f in zip(sizes, (1.1, 0.9, 1.1, 0.9))]
-    mx, my = sum(sizes) / len(sizes), sum(times) / len(times)
-    b_ols = sum((x - mx) * (t - my) for x, t in zip(sizes, times)) / sum((x - mx) ** 2 for x in sizes)
-    a_ols = my - b_ols * mx
+    # noisy samples over four decades: no line with alpha, beta >= 0 has a smaller worst
+    # relative error (a grid around the fit, and the relative least-squares trend)
+    times = [(2e-3 + 3e-9 * x) * f for x, f in zip(sizes, (1.1, 0.9, 1.25, 0.95))]
 
-    def rel_sq(a: float, b: float) -> float:
-        return sum(((a + b * x) / t - 1) ** 2 for x, t in zip(sizes, times))
+    def worst(a: float, b: float) -> float:
+        return max(abs((a + b * x) / t - 1) for x, t in zip(sizes, times))
 
-    assert rel_sq(*fit_alpha_beta(sizes, times)) < rel_sq(a_ols, b_ols)
-    flat, slope = fit_alpha_beta([1.0, 2.0], [5.0, 4.0])  # never a negative slope
-    assert slope == 0.0 and 4.0 < flat < 5.0
+    alpha, beta = fit_alpha_beta(sizes, times)
+    grid = [(alpha * (0.5 + i / 40), beta * (0.5 + j / 40)) for i in range(41) for j in range(41)]
+    assert worst(alpha, beta) <= min(worst(a, b) for a, b in grid) + 1e-12
+    assert worst(alpha, beta) < worst(*profile_db._relative_least_squares(sizes, times)) - 0.01
+    # two sizes, the larger faster: never a negative slope; the flat line halfway in relative terms
+    flat, slope = fit_alpha_beta([1.0, 2.0], [5.0, 4.0])
+    assert slope == 0.0 and flat == pytest.approx(40 / 9)
 
 
 def test_merge_adds_and_replaces_entries(tmp_path):

@@ -201,19 +201,32 @@ def test_the_sweep_takes_turns_over_the_cases_and_times_local_steps_by_the_op_cl
         assert out[f"2/axis0/{kind}"]["times_s"] == [clock.interquartile_mean([t for _, t in calls])]
 
 
-def test_a_size_that_strays_from_its_line_is_measured_again_taking_turns(monkeypatch):
+@pytest.mark.parametrize("cured", [False, True], ids=["stays", "cured"])
+def test_a_size_that_strays_from_its_line_is_measured_again_taking_turns(monkeypatch, cured):
     # one 2-rank axis, the CPU sweep's sizes; every case's calls read the same time, on a line
-    # of the local rows, except the middle all-gather's, which reads 1.4x that
+    # of the local rows, except the middle all-gather's, which reads 1.4x that; "cured": only
+    # in the sweep's own rounds, 0.6x after them, so its first recheck puts it on the line
     stray_case = ("all_gather", 256)
+    rounds, repeats = 3, 2
+    assert rounds == sweeps.RECHECK_ROUNDS  # as many calls at 1.4x as at 0.6x: the mean 1.0x
     sequence: list[tuple[str, int]] = []
 
-    def seconds(case: tuple[str, int]) -> float:
-        return (1e-3 + case[1] * 1e-6) * (1.4 if case == stray_case else 1.0)
+    def exact(case: tuple[str, int]) -> float:
+        return 1e-3 + case[1] * 1e-6
+
+    def seconds(case: tuple[str, int]) -> float:  # in the sweep's rounds
+        return exact(case) * (1.4 if case == stray_case else 1.0)
+
+    def per_round(c: tuple[str, int]) -> int:
+        per = sweeps.COLLECTIVE_CALLS_PER_REPEAT
+        return max(1, min(per * repeats, int(per * clock.ENOUGH_S / seconds(c))))
 
     class FakeClock(clock.Clock):
         def elapsed(self, fn):
             sequence.append(fn())
-            return seconds(sequence[-1])
+            case = sequence[-1]
+            later = sequence.count(case) > 1 + rounds * per_round(case)  # past the warm-up and rounds
+            return exact(case) * 0.6 if cured and later and case == stray_case else seconds(case)
 
     mesh = types.SimpleNamespace(shape=(2,), device_type="cpu")
     monkeypatch.setattr(sweeps, "Clock", FakeClock)
@@ -230,7 +243,6 @@ def test_a_size_that_strays_from_its_line_is_measured_again_taking_turns(monkeyp
     monkeypatch.setattr(
         sweeps, "_redistribute", lambda x, to: lambda: (kind_of[(str(x.placements[0]), str(to[0]))], x.rows)
     )
-    rounds, repeats = 3, 2
     out = sweeps.profile_collectives(mesh, repeats=repeats, rounds=rounds)
     assert stray_case in sequence
     # which cases stray more than RECHECK_ABOVE from their line, by their (fixed) times
@@ -242,20 +254,23 @@ def test_a_size_that_strays_from_its_line_is_measured_again_taking_turns(monkeyp
         strays |= {
             c for c, t in zip(cases, times) if abs((alpha + beta * c[1]) / t - 1) > sweeps.RECHECK_ABOVE
         }
-    assert stray_case in strays and len(strays) < len(sweeps._MOVES)  # the other lines are exact
-    per = sweeps.COLLECTIVE_CALLS_PER_REPEAT
-
-    def per_round(c: tuple[str, int]) -> int:
-        return max(1, min(per * repeats, int(per * clock.ENOUGH_S / seconds(c))))
-
+    assert stray_case in strays and {c[0] for c in strays} == {"all_gather"}  # the other lines are exact
     calls = {c: sequence.count(c) - 1 for c in set(sequence)}  # less the warm-up call
-    again = {c for c, n in calls.items() if n > rounds * per_round(c)}
-    assert all(calls[c] == (rounds + sweeps.RECHECK_ROUNDS) * per_round(c) for c in again)
-    assert all(calls[c] == rounds * per_round(c) for c in set(calls) - again)
-    assert strays <= again and len(again) == max(2 * len(strays), sweeps.RECHECK_CASES)
+    # each recheck measures the strays and as many others (RECHECK_CASES in all at least); if
+    # their times never move, every recheck finds them again, up to RECHECK_PASSES; once the
+    # line is exact, none does
+    passes = 1 if cured else sweeps.RECHECK_PASSES
+    rechecks = {
+        c: divmod(n - rounds * per_round(c), sweeps.RECHECK_ROUNDS * per_round(c)) for c, n in calls.items()
+    }
+    assert all(extra == 0 for _, extra in rechecks.values())
+    assert all(rechecks[c][0] == passes for c in strays)
+    fillers = sum(k for c, (k, _) in rechecks.items() if c not in strays)
+    assert fillers == passes * (max(2 * len(strays), sweeps.RECHECK_CASES) - len(strays))
     assert all(a != b for a, b in zip(sequence, sequence[1:]))  # no call after its own case's
     line = out["2/axis0/all_gather"]
-    assert line["times_s"] == pytest.approx(sorted(seconds(c) for c in calls if c[0] == "all_gather"))
+    measured = exact if cured else seconds
+    assert line["times_s"] == pytest.approx(sorted(measured(c) for c in calls if c[0] == "all_gather"))
 
 
 def test_a_mesh_with_no_axis_over_one_device_has_no_layout_changes_to_sweep(monkeypatch):
