@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The checks that need a GPU, in one run: the GPU tests, the op-level check of the cost model
-# (benchmarks/op_level.py) and the fused kernels' speed (benchmarks/kernels.py). Each output
+# (benchmarks/op_level.py) and the fused kernels' speed (benchmarks/fused_kernels.py). Each output
 # goes to $OUT (or /tmp/gpu_checks).
 #
 # Where the GPU machine's Python lacks autopar's solver packages (pulp, highspy: the H200
@@ -25,5 +25,5 @@ python3 -c "import torch; print('torch', torch.__version__)" | tee -a "$out/devi
 status=0
 python3 -m pytest -q tests/gpu 2>&1 | tee "$out/tests_gpu.txt" || status=1
 python3 benchmarks/op_level.py 2>&1 | tee "$out/op_level.txt" || status=1
-python3 benchmarks/kernels.py 2>&1 | tee "$out/kernels.txt" || status=1
+python3 benchmarks/fused_kernels.py 2>&1 | tee "$out/fused_kernels.txt" || status=1
 exit $status

@@ -12,7 +12,7 @@ from ``autopar.cost.hardware``, and its speed-up over the eager torch version: t
 bias_gelu, layer_norm, rms_norm (forward, backward), the cross-entropy pieces and adamw, and
 the ``cuda_ext`` AdamW and LayerNorm where that extension builds.
 
-Run: python benchmarks/kernels.py [--params-m 32] [--rows 16384] [--hidden 4096] [--vocab 50257]
+Run: python benchmarks/fused_kernels.py [--params-m 32] [--rows 16384] [--hidden 4096] [--vocab 50257]
 """
 
 from __future__ import annotations
