@@ -46,7 +46,7 @@ RECHECK_ABOVE = 0.10
 RECHECK_ROUNDS = 3
 RECHECK_CASES = 8
 #: a recheck is made again, against the line refitted, up to this many times in all
-RECHECK_PASSES = 3
+RECHECK_PASSES = 5
 
 
 _MOVES = {  # kind -> (from, to) on the measured axis, and whether B is the gathered size
