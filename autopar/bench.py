@@ -53,8 +53,8 @@ class BenchRow:
     #: measured seconds per training step on a local CPU mesh (``measure``)
     measured_s: float | None = None
     #: how fast the host ran while it measured: a fixed workload's seconds
-    #: (``cost.clock.reference_s``), the mean of one sample before the steps and one after,
-    #: over the ranks; compare with the profile's (``autopar profile`` prints it)
+    #: (``cost.clock.HostSpeed``), the median of one sample before each turn of steps, over
+    #: the ranks: taken as the profile takes its own (``autopar profile`` prints it)
     measured_reference_s: float | None = None
 
 
@@ -213,7 +213,7 @@ def _time_plans(
     from torch.distributed.device_mesh import init_device_mesh
 
     from autopar.api import autoparallelize
-    from autopar.cost.clock import rank_mean, reference_s
+    from autopar.cost.clock import HostSpeed
     from autopar.solver.plan import Plan
 
     results: list[dict] = []
@@ -233,12 +233,11 @@ def _time_plans(
                 entries[k]["error"] = _error(exc)
             del model
         gc.collect()  # the previous group's modules go now, not while these are timed
-        reference = [reference_s(torch.device("cpu"))]
-        times_s = _time_turns(runs, steps, entries, dist.barrier)
-        reference.append(reference_s(torch.device("cpu")))
-        (reference_mean_s,) = rank_mean([statistics.fmean(reference)], torch.device("cpu"))
+        speed = HostSpeed(torch.device("cpu"))
+        times_s = _time_turns(runs, steps, entries, dist.barrier, speed.sample)
+        reference_s, _ = speed.summary()
         for k, t in times_s.items():
-            entries[k] = {"s": statistics.fmean(t), "reference_s": reference_mean_s}
+            entries[k] = {"s": statistics.fmean(t), "reference_s": reference_s}
         results += entries
         del runs
     if rank == 0:
@@ -259,19 +258,25 @@ def _training_step(module: nn.Module, inputs: dict[str, Any]) -> Callable[[], No
 
 
 def _time_turns(
-    runs: dict[int, Callable[[], None]], steps: int, entries: list[dict], barrier: Callable[[], object]
+    runs: dict[int, Callable[[], None]],
+    steps: int,
+    entries: list[dict],
+    barrier: Callable[[], object],
+    before_turn: Callable[[], object],
 ) -> dict[int, list[float]]:
     """Seconds of each plan's timed steps: ``WARM_UP_STEPS`` untimed turns, then ``steps``
     timed ones, each plan's step in ``turn_order`` and timed from the barrier before it to
-    the one after (a step pays its slowest rank). A plan whose step raises (alike on every
-    rank) gets its error in ``entries`` and leaves the turns."""
+    the one after (a step pays its slowest rank). ``before_turn`` runs before each turn's
+    barrier, outside the timed steps. A plan whose step raises (alike on every rank) gets its
+    error in ``entries`` and leaves the turns."""
     live = sorted(runs)
     times_s: dict[int, list[float]] = {k: [] for k in live}
     gc.disable()
     try:
-        barrier()
-        last = time.perf_counter()
         for turn in range(WARM_UP_STEPS + steps):
+            before_turn()
+            barrier()
+            last = time.perf_counter()
             for i in turn_order(len(live), turn):
                 k = live[i]
                 try:

@@ -16,7 +16,7 @@ CPU time of one fixed workload (``cost.clock.reference_s``) runs 20-35% above or
 median for seconds at a time, and moved by 2x within single runs. So each round measures
 right after its own profile, the three plans taking turns, one step each (``bench.measure``),
 and both record that workload's time: the profile its median (``autopar profile`` prints it
-with its spread), the measurement a sample before and after the plans' steps. The
+with its spread), the measurement its median over one sample before each turn of steps. The
 ``at_speed`` column is each prediction scaled by the ratio of the two (the host's speed
 while measuring over its speed while profiling): the error left when the host's drift is
 taken out. Over 150 steps of one plan, the reference's time followed the

@@ -116,7 +116,10 @@ def test_plans_take_turns_one_step_each_and_a_failing_plan_leaves_the_turns():
     runs = {0: step("a"), 1: step("b", fail_at=3), 2: step("c")}
     entries: list[dict] = [{}, {}, {}]
     barriers = []
-    times = bench._time_turns(runs, 3, entries, lambda: barriers.append(len(log)))
+    turns_begun = []  # how many steps had run when each turn began
+    times = bench._time_turns(
+        runs, 3, entries, lambda: barriers.append(len(log)), lambda: turns_begun.append(len(log))
+    )
     turns = bench.WARM_UP_STEPS + 3
     # every turn takes each live plan once, in an order rotated each turn
     expected: list[str] = []
@@ -126,6 +129,9 @@ def test_plans_take_turns_one_step_each_and_a_failing_plan_leaves_the_turns():
     assert log == expected  # b's fourth call raised: it is in no later turn
     assert sorted(times) == [0, 2] and all(len(t) == 3 and min(t) >= 0 for t in times.values())
     assert entries[1] == {"error": "RuntimeError: b broke"} and entries[0] == entries[2] == {}
-    assert len(barriers) == 1 + len(log) + 1  # one before the turns, one after each step (b's last too)
+    # one barrier before each turn, one after each step (b's failing one too)
+    assert len(barriers) == turns + len(log) + 1
+    steps_per_turn = [3 if turn < 3 else 2 for turn in range(turns)]  # b's last call logged nothing
+    assert turns_begun == [sum(steps_per_turn[:t]) for t in range(turns)]  # outside every step
     assert [sorted(bench.turn_order(3, t)) for t in range(3)] == [[0, 1, 2]] * 3
     assert [bench.turn_order(3, t)[0] for t in range(3)] == [0, 1, 2]
